@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Runs the whole test suite. Brings up what the tests need when it is not there:
+# RabbitMQ on 127.0.0.1:5672 (installed from Debian's packages if missing) and
+# moto's EC2 server (in a virtualenv) on a free port. Extra arguments go to
+# `cargo test` (for example: scripts/test.sh -p epu-core).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '== %s\n' "$*" >&2; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+ensure_rabbitmq() {
+  if port_open 127.0.0.1 5672 && rabbitmqctl -q await_startup >/dev/null 2>&1; then
+    log "RabbitMQ is running"
+    return
+  fi
+  if ! command -v rabbitmq-server >/dev/null 2>&1; then
+    log "installing rabbitmq-server"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server >/dev/null
+  fi
+  if ! port_open 127.0.0.1 5672; then
+    log "starting RabbitMQ"
+    as_root rabbitmq-server -detached || true
+  fi
+  # Right after -detached, await_startup fails at once until the node has registered.
+  for _ in $(seq 1 60); do
+    if as_root rabbitmqctl -q await_startup >/dev/null 2>&1; then
+      log "RabbitMQ is up"
+      return
+    fi
+    sleep 1
+  done
+  log "RabbitMQ did not start within a minute; see /var/log/rabbitmq/"
+  exit 1
+}
+
+MOTO_PID=""
+ensure_moto() {
+  local bin
+  bin=$(command -v moto_server || true)
+  if [ -z "$bin" ]; then
+    local venv="${EPU_MOTO_VENV:-$HOME/.cache/epu/moto-venv}"
+    if [ ! -x "$venv/bin/moto_server" ]; then
+      log "installing moto[server] into $venv"
+      if ! python3 -m venv "$venv" 2>/dev/null; then
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+        python3 -m venv "$venv"
+      fi
+      "$venv/bin/pip" install -q 'moto[server]'
+    fi
+    bin="$venv/bin/moto_server"
+  fi
+  local port
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  "$bin" -H 127.0.0.1 -p "$port" >"${TMPDIR:-/tmp}/epu-moto-$port.log" 2>&1 &
+  MOTO_PID=$!
+  for _ in $(seq 1 100); do
+    if port_open 127.0.0.1 "$port"; then
+      export EPU_MOTO_URL="http://127.0.0.1:$port"
+      log "moto's EC2 server at $EPU_MOTO_URL"
+      return
+    fi
+    sleep 0.2
+  done
+  log "moto_server did not start; see ${TMPDIR:-/tmp}/epu-moto-$port.log"
+  exit 1
+}
+
+cleanup() { [ -n "$MOTO_PID" ] && kill "$MOTO_PID" 2>/dev/null || true; }
+trap cleanup EXIT
+
+ensure_rabbitmq
+ensure_moto
+export AWS_EC2_METADATA_DISABLED=true
+
+out="${TMPDIR:-/tmp}/epu-test-$$.log"
+set +e
+cargo test --workspace "$@" 2>&1 | tee "$out"
+status=${PIPESTATUS[0]}
+set -e
+
+# One summary over every test binary, after cargo's own per-binary lines.
+read -r passed failed < <(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } } END { print p + 0, f + 0 }' "$out")
+echo
+echo "summary: $passed passed, $failed failed"
+rm -f "$out"
+exit "$status"
