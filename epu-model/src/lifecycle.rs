@@ -1,7 +1,5 @@
 //! Node lifecycle states and worker health, shared by every part.
 
-
-use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -12,11 +10,9 @@ use serde::{Deserialize, Serialize};
 /// States only move forward: an update that is not later than the current state is a
 /// duplicate or arrives out of order and is dropped (`Ord` follows the declaration order,
 /// so `new > old` is the test). The original EPU numbered them `100-REQUESTING` …
-/// `950-REQUESTED` so that they sort; [`NodeState::code`] gives those numbers and
+/// `950-REJECTED` so that they sort; [`NodeState::code`] gives those numbers and
 /// [`FromStr`] accepts both forms.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum NodeState {
     /// The launch is recorded; the IaaS has not been asked yet.
@@ -162,17 +158,7 @@ impl FromStr for NodeState {
 
 /// What the sensor aggregator thinks of a worker (see the design's "Health").
 #[derive(
-    Debug,
-    Clone,
-    Copy,
-    Default,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    Serialize,
-    Deserialize,
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
 )]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Health {
@@ -212,7 +198,10 @@ impl Health {
 
     /// MISSING, ZOMBIE or PROCESS_ERROR.
     pub fn is_unhealthy(self) -> bool {
-        matches!(self, Health::Missing | Health::Zombie | Health::ProcessError)
+        matches!(
+            self,
+            Health::Missing | Health::Zombie | Health::ProcessError
+        )
     }
 }
 

@@ -324,8 +324,8 @@ mod tests {
         let e = serde_json::from_value::<Deployable>(json!({"driver": "openstack"}))
             .expect_err("unknown driver");
         assert!(e.to_string().contains("openstack"), "{e}");
-        let e = serde_json::from_value::<Deployable>(json!({"driver": "ec2"}))
-            .expect_err("no image");
+        let e =
+            serde_json::from_value::<Deployable>(json!({"driver": "ec2"})).expect_err("no image");
         assert!(e.to_string().contains("image"), "{e}");
         let e = serde_json::from_value::<Deployable>(
             json!({"driver": "sim", "boot_secs": 1, "colour": "red"}),

@@ -1,0 +1,70 @@
+//! The controller's Prometheus metrics.
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+
+#[derive(Clone)]
+pub struct ControllerMetrics {
+    pub decisions: IntCounterVec,
+    pub launches: IntCounterVec,
+    pub destroys: IntCounterVec,
+    pub desired: IntGaugeVec,
+    pub actual: IntGaugeVec,
+    pub decision_seconds: HistogramVec,
+}
+
+impl ControllerMetrics {
+    pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let de = ["domain", "engine"];
+        let m = ControllerMetrics {
+            decisions: IntCounterVec::new(
+                Opts::new(
+                    "epu_controller_decisions_total",
+                    "decisions that asked for a change",
+                ),
+                &de,
+            )?,
+            launches: IntCounterVec::new(
+                Opts::new(
+                    "epu_controller_launches_total",
+                    "instances the engines asked to launch",
+                ),
+                &de,
+            )?,
+            destroys: IntCounterVec::new(
+                Opts::new(
+                    "epu_controller_destroys_total",
+                    "instances the engines asked to destroy",
+                ),
+                &de,
+            )?,
+            desired: IntGaugeVec::new(
+                Opts::new(
+                    "epu_domain_desired_size",
+                    "instances the engine wants after its last decision",
+                ),
+                &["domain"],
+            )?,
+            actual: IntGaugeVec::new(
+                Opts::new("epu_domain_running_size", "healthy RUNNING instances"),
+                &["domain"],
+            )?,
+            decision_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "epu_controller_decision_seconds",
+                    "time to decide and carry out one domain's decision",
+                )
+                .buckets(vec![
+                    0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0,
+                ]),
+                &["engine"],
+            )?,
+        };
+        registry.register(Box::new(m.decisions.clone()))?;
+        registry.register(Box::new(m.launches.clone()))?;
+        registry.register(Box::new(m.destroys.clone()))?;
+        registry.register(Box::new(m.desired.clone()))?;
+        registry.register(Box::new(m.actual.clone()))?;
+        registry.register(Box::new(m.decision_seconds.clone()))?;
+        Ok(m)
+    }
+}
