@@ -15,6 +15,7 @@
 pub mod domain;
 pub mod metrics;
 pub mod policy;
+pub mod process;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
