@@ -36,7 +36,9 @@ async fn raw_lapin(payload: &[u8]) -> (f64, f64) {
     )
     .await
     .expect("declare");
-    ch.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
     let start = Instant::now();
     for _ in 0..N {
         ch.basic_publish(
@@ -53,9 +55,16 @@ async fn raw_lapin(payload: &[u8]) -> (f64, f64) {
     }
     let publish = N as f64 / start.elapsed().as_secs_f64();
     let cch = conn.create_channel().await.expect("channel");
-    cch.basic_qos(64, BasicQosOptions::default()).await.expect("qos");
+    cch.basic_qos(64, BasicQosOptions::default())
+        .await
+        .expect("qos");
     let mut consumer = cch
-        .basic_consume(q.as_str().into(), "raw".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            q.as_str().into(),
+            "raw".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .expect("consume");
     let start = Instant::now();
@@ -66,7 +75,9 @@ async fn raw_lapin(payload: &[u8]) -> (f64, f64) {
         got += 1;
     }
     let consume = N as f64 / start.elapsed().as_secs_f64();
-    let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+    let _ = ch
+        .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+        .await;
     let _ = conn.close(200, "bye".into()).await;
     (publish, consume)
 }
@@ -110,12 +121,35 @@ async fn epu_bus(body: &str) -> (f64, f64) {
 async fn main() {
     // The envelope around a 1 KB body is about 1.2 KB; raw lapin sends the same size.
     let body = "x".repeat(1024);
-    let sample = Envelope::new(&test_run("s"), Op::InstanceInfo, "bench", json!({ "pad": body }));
+    let sample = Envelope::new(
+        &test_run("s"),
+        Op::InstanceInfo,
+        "bench",
+        json!({ "pad": body }),
+    );
     let payload = sample.to_bytes().expect("encode");
     let (raw_pub, raw_con) = raw_lapin(&payload).await;
     let (bus_pub, bus_con) = epu_bus(&body).await;
-    println!("bus throughput, {N} messages of {} bytes, confirmed one at a time", payload.len());
-    println!("{:<28} {:>12} {:>12} {:>7}", "", "raw lapin/s", "epu bus/s", "ratio");
-    println!("{:<28} {:>12.0} {:>12.0} {:>7.2}", "publish with confirm", raw_pub, bus_pub, bus_pub / raw_pub);
-    println!("{:<28} {:>12.0} {:>12.0} {:>7.2}", "consume (manual ack)", raw_con, bus_con, bus_con / raw_con);
+    println!(
+        "bus throughput, {N} messages of {} bytes, confirmed one at a time",
+        payload.len()
+    );
+    println!(
+        "{:<28} {:>12} {:>12} {:>7}",
+        "", "raw lapin/s", "epu bus/s", "ratio"
+    );
+    println!(
+        "{:<28} {:>12.0} {:>12.0} {:>7.2}",
+        "publish with confirm",
+        raw_pub,
+        bus_pub,
+        bus_pub / raw_pub
+    );
+    println!(
+        "{:<28} {:>12.0} {:>12.0} {:>7.2}",
+        "consume (manual ack)",
+        raw_con,
+        bus_con,
+        bus_con / raw_con
+    );
 }

@@ -12,7 +12,7 @@ use epu_core::testing::{amqp_bus, test_options, test_run, wait_until, TEST_SECRE
 use epu_core::wire::{
     sign, Envelope, ErrorCode, Headers, Op, ReplyError, RunName, Service, SIGNATURE_HEADER,
 };
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// What a suite test gets: a bus the service side serves on, and a client side.
 struct Harness {
