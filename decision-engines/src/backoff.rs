@@ -75,8 +75,14 @@ impl Backoff {
         if consecutive == 0 || self.initial_secs == 0 {
             return 0;
         }
-        let factor = 1u64.checked_shl(consecutive - 1).unwrap_or(u64::MAX);
-        self.initial_secs.saturating_mul(factor).min(self.max_secs)
+        // The project's one schedule: doubling from `initial_secs`, capped.
+        let secs = epu_model::backoff::nominal_secs(
+            self.initial_secs as f64,
+            2.0,
+            self.max_secs as f64,
+            consecutive - 1,
+        );
+        secs.round() as u64
     }
 
     /// Until when launches are held back, if they are at `now`.

@@ -72,14 +72,6 @@ impl Backoff {
         self
     }
 
-    fn effective_multiplier(&self) -> f64 {
-        if self.multiplier.is_nan() || self.multiplier < 1.0 {
-            1.0
-        } else {
-            self.multiplier
-        }
-    }
-
     fn effective_jitter(&self) -> f64 {
         if self.jitter.is_nan() {
             0.0
@@ -107,16 +99,13 @@ impl Backoff {
     ///
     /// Deterministic, monotone non-decreasing in `attempt`, and never above `max`.
     pub fn delay_nominal(&self, attempt: u32) -> Duration {
-        let initial = self.initial.min(self.max);
-        let multiplier = self.effective_multiplier();
-        // powi takes an i32; beyond a few thousand attempts the result is infinite or
-        // capped anyway, so clamping the exponent changes nothing but avoids overflow.
-        let exponent = attempt.min(i32::MAX as u32) as i32;
-        let factor = multiplier.powi(exponent);
-        if !factor.is_finite() {
-            return self.max;
-        }
-        self.capped(initial.as_secs_f64() * factor)
+        let secs = epu_model::backoff::nominal_secs(
+            self.initial.as_secs_f64(),
+            self.multiplier,
+            self.max.as_secs_f64(),
+            attempt,
+        );
+        self.capped(secs)
     }
 
     /// The delay after failed attempt `attempt` (0-based), with jitter drawn from `rng`.

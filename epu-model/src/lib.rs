@@ -2,6 +2,7 @@
 //! the bodies of every message. Pure data: no IO, no async, serde only.
 #![forbid(unsafe_code)]
 
+pub mod backoff;
 pub mod lifecycle;
 pub mod messages;
 
