@@ -166,12 +166,13 @@ macro_rules! ops {
 }
 
 ops! {
-    Provision => "provision", Provisioner, false;
+    Provision => "provision", Provisioner, true;
     TerminateNodes => "terminate_nodes", Provisioner, true;
     TerminateAll => "terminate_all", Provisioner, true;
     Enable => "enable", Provisioner, true;
     DumpState => "dump_state", Provisioner, false;
     DescribeNodes => "describe_nodes", Provisioner, false;
+    DescribeIaas => "describe_iaas", Provisioner, false;
     InstanceInfo => "instance_info", Controller, false;
     SensorInfo => "sensor_info", Controller, false;
     Reconfigure => "reconfigure", Controller, true;
@@ -617,6 +618,7 @@ mod tests {
         assert_eq!(
             control,
             [
+                "provision",
                 "terminate_nodes",
                 "terminate_all",
                 "enable",
@@ -630,7 +632,7 @@ mod tests {
     #[test]
     fn decodes_a_good_envelope() {
         let r = run();
-        let env = Envelope::new(&r, Op::Provision, "test", json!({"count": 1}));
+        let env = Envelope::new(&r, Op::DescribeNodes, "test", json!({"count": 1}));
         let bytes = env.to_bytes().expect("encode");
         let got = decode(&bytes, &Headers::new(), dest(&r, None)).expect("decode");
         assert_eq!(got, env);
@@ -647,7 +649,7 @@ mod tests {
     #[test]
     fn refuses_what_is_wrong_and_says_why() {
         let r = run();
-        let good = Envelope::new(&r, Op::Provision, "t", json!({}));
+        let good = Envelope::new(&r, Op::DescribeNodes, "t", json!({}));
         let mut v = serde_json::to_value(&good).expect("value");
         let h = Headers::new();
         assert_eq!(reject(b"{nope", &h, None).label(), "not_json");
@@ -663,7 +665,7 @@ mod tests {
             reject(&serde_json::to_vec(&v).expect("x"), &h, None).label(),
             "unknown_op"
         );
-        v["op"] = json!("provision");
+        v["op"] = json!("describe_nodes");
         v["run"] = json!("other");
         assert_eq!(
             reject(&serde_json::to_vec(&v).expect("x"), &h, None).label(),

@@ -165,6 +165,28 @@ pub struct DescribeNodesReply {
     pub nodes: Vec<NodeRecord>,
 }
 
+/// `describe_iaas`: what the IaaS itself lists for this run (by its run tag,
+/// or for local workers the live processes), not what the records say.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IaasInstance {
+    pub driver: String,
+    pub iaas_id: String,
+    #[serde(default)]
+    pub node_id: Option<String>,
+    /// The IaaS's own word: `pending`, `running`, `stopping`, `terminated`.
+    pub state: String,
+    /// Exists and costs (anything but terminated).
+    pub alive: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DescribeIaasReply {
+    pub instances: Vec<IaasInstance>,
+    /// Drivers that could not be listed, with the error.
+    #[serde(default)]
+    pub errors: Vec<String>,
+}
+
 /// Why a node failed or was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
