@@ -94,6 +94,22 @@ impl SimDriver {
             .count()
     }
 
+    /// Makes the live instance of `node_id` crash now (the simulator's and tests' way
+    /// to kill a worker): the next listing shows it gone with a failure. False if
+    /// there is no such live instance.
+    pub fn crash(&self, node_id: &str) -> bool {
+        let now = self.clock.now();
+        let mut st = self.lock();
+        for inst in st.instances.values_mut() {
+            if inst.node_id == node_id && inst.terminated_at.is_none() && !inst.fails {
+                inst.fails = true;
+                inst.ready_at = inst.ready_at.min(now);
+                return true;
+            }
+        }
+        false
+    }
+
     fn state_of(&self, inst: &SimInstance, now: DateTime<Utc>) -> (InstanceState, bool) {
         if inst.terminated_at.is_some() {
             return (InstanceState::Terminated, false);
