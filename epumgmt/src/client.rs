@@ -1,0 +1,97 @@
+//! Reaching a run's services: through the standalone host's socket or RabbitMQ,
+//! the same requests either way.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use epu_core::bus::amqp::AmqpBus;
+use epu_core::bus::socket::{SocketBus, SOCKET_FILE};
+use epu_core::bus::{Bus, BusOptions};
+use epu_core::wire::{Envelope, ErrorCode, ReplyError, RunName, Service};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::plan::PlanTransport;
+use crate::rundir::{user_error, RunRecord};
+
+/// Exit code: a service did not answer.
+pub const EXIT_UNREACHABLE: i32 = 6;
+
+pub struct Client {
+    pub bus: Arc<dyn Bus>,
+    amqp: Option<AmqpBus>,
+    pub run: RunName,
+    pub timeout: Duration,
+}
+
+impl Client {
+    pub async fn connect(rec: &RunRecord) -> anyhow::Result<Self> {
+        let run = RunName::new(&rec.run).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let secret = rec.secret()?;
+        let opts = BusOptions::new("epumgmt").with_secret(secret.as_bytes());
+        let (bus, amqp): (Arc<dyn Bus>, Option<AmqpBus>) = match rec.transport {
+            PlanTransport::Standalone => (
+                Arc::new(SocketBus::new(
+                    &rec.run_dir.join(SOCKET_FILE),
+                    run.clone(),
+                    opts,
+                )),
+                None,
+            ),
+            PlanTransport::Amqp => {
+                let url = rec.amqp_url.clone().unwrap_or_default();
+                let b = AmqpBus::connect(&url, run.clone(), opts)
+                    .await
+                    .context("connecting to the run's broker")?;
+                (Arc::new(b.clone()), Some(b))
+            }
+        };
+        Ok(Client {
+            bus,
+            amqp,
+            run,
+            timeout: Duration::from_secs(10),
+        })
+    }
+
+    /// A request; a service's typed error comes back as `Err(ReplyError)`.
+    pub async fn ask<B: Serialize, R: DeserializeOwned>(
+        &self,
+        to: Service,
+        op: epu_core::wire::Op,
+        body: &B,
+    ) -> Result<R, ReplyError> {
+        let env = Envelope::with_body(&self.run, op, "epumgmt", body)
+            .map_err(|e| ReplyError::bad_request(e.to_string()))?;
+        let v: Value = self.bus.request(to, &env, self.timeout).await?;
+        serde_json::from_value(v)
+            .map_err(|e| ReplyError::internal(format!("unreadable answer from {to}: {e}")))
+    }
+
+    /// Like [`ask`](Self::ask), but a failure is an error for the operator.
+    pub async fn must<B: Serialize, R: DeserializeOwned>(
+        &self,
+        to: Service,
+        op: epu_core::wire::Op,
+        body: &B,
+    ) -> anyhow::Result<R> {
+        self.ask(to, op, body).await.map_err(|e| match e.code {
+            ErrorCode::Timeout | ErrorCode::Unavailable => user_error(
+                EXIT_UNREACHABLE,
+                format!(
+                    "the {to} of run {} did not answer {op}: {} (is the run up? `epumgmt status --run {}`)",
+                    self.run, e.message, self.run
+                ),
+            ),
+            _ => anyhow::anyhow!("{to} refused {op}: {}", e.message),
+        })
+    }
+
+    pub async fn close(self) {
+        if let Some(a) = self.amqp {
+            a.close().await;
+        }
+    }
+}

@@ -1,0 +1,642 @@
+//! The operator's commands that talk to a live run: status, inspect, events,
+//! find-workers, reconfigure, list-runs.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use epu_core::telemetry::{parse_event_line, EventRecord};
+use epu_core::wire::{Op, Service};
+use epu_model::messages::{DescribeNodesReply, DescribeNodesRequest, ReconfigureRequest};
+use serde_json::{json, Map, Value};
+
+use crate::client::Client;
+use crate::rundir::{list_runs, pid_alive, user_error, RunRecord};
+
+/// Exit code: the service refused the request (e.g. a bad reconfigure).
+pub const EXIT_REFUSED: i32 = 4;
+
+/// Prints rows as an aligned table.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(c.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            }
+        }
+        println!("{}", s.trim_end());
+    };
+    line(headers.iter().map(|h| h.to_uppercase()).collect());
+    for r in rows {
+        line(r.clone());
+    }
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// GET `path` on a service's HTTP address; the status code, if it answered.
+pub async fn http_status(addr: &str, path: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fut = async {
+        let mut c = tokio::net::TcpStream::connect(addr).await.ok()?;
+        c.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: epu\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .ok()?;
+        let mut buf = Vec::new();
+        c.read_to_end(&mut buf).await.ok()?;
+        let text = String::from_utf8_lossy(&buf);
+        text.split_whitespace().nth(1)?.parse().ok()
+    };
+    tokio::time::timeout(Duration::from_secs(2), fut)
+        .await
+        .ok()
+        .flatten()
+}
+
+pub async fn service_rows(rec: &RunRecord) -> Vec<Value> {
+    let mut out = Vec::new();
+    for svc in &rec.services {
+        let alive = svc.pid.is_some_and(pid_alive);
+        let ready = match (&svc.http_addr, alive) {
+            (Some(a), true) => http_status(a, "/readyz").await == Some(200),
+            _ => false,
+        };
+        out.push(json!({
+            "service": svc.name,
+            "pid": svc.pid,
+            "up": alive,
+            "ready": ready,
+            "http_addr": svc.http_addr,
+            "restarts": svc.restarts,
+            "log_file": svc.log_file,
+        }));
+    }
+    out
+}
+
+pub async fn status(rec: &RunRecord, as_json: bool) -> anyhow::Result<()> {
+    let services = service_rows(rec).await;
+    let domains: Option<Value> = if rec.supervisor_alive() {
+        match Client::connect(rec).await {
+            Ok(c) => {
+                let d = c
+                    .ask::<_, Value>(Service::Controller, Op::ListDomains, &json!({}))
+                    .await
+                    .ok();
+                c.close().await;
+                d
+            }
+            Err(_) => None,
+        }
+    } else {
+        None
+    };
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "run": rec.run,
+                "transport": rec.transport,
+                "state": rec.state,
+                "up": rec.supervisor_alive(),
+                "run_dir": rec.run_dir,
+                "services": services,
+                "domains": domains,
+            }))?
+        );
+        return Ok(());
+    }
+    println!(
+        "run {} ({:?}, {}) in {}",
+        rec.run,
+        rec.transport,
+        if rec.supervisor_alive() { "up" } else { "down" },
+        rec.run_dir.display()
+    );
+    let rows: Vec<Vec<String>> = services
+        .iter()
+        .map(|v| {
+            vec![
+                s(&v["service"]),
+                if v["up"] == json!(true) {
+                    "up".into()
+                } else {
+                    "down".into()
+                },
+                if v["ready"] == json!(true) {
+                    "yes".into()
+                } else {
+                    "no".into()
+                },
+                s(&v["pid"]),
+                s(&v["http_addr"]),
+                s(&v["restarts"]),
+            ]
+        })
+        .collect();
+    table(
+        &["service", "state", "ready", "pid", "http", "restarts"],
+        &rows,
+    );
+    println!();
+    match domains {
+        Some(Value::Array(ds)) => {
+            let rows: Vec<Vec<String>> = ds
+                .iter()
+                .map(|d| {
+                    vec![
+                        s(&d["domain"]),
+                        s(&d["engine"]),
+                        s(&d["engine_state"]),
+                        s(&d["desired"]),
+                        s(&d["running"]),
+                        s(&d["pending"]),
+                        s(&d["unhealthy"]),
+                        s(&d["backlog"]),
+                    ]
+                })
+                .collect();
+            table(
+                &[
+                    "domain",
+                    "engine",
+                    "state",
+                    "desired",
+                    "running",
+                    "pending",
+                    "unhealthy",
+                    "backlog",
+                ],
+                &rows,
+            );
+        }
+        _ => println!("domains: the controller did not answer"),
+    }
+    Ok(())
+}
+
+/// Node rows: the provisioner's records, with health from the controller.
+pub async fn node_rows(c: &Client, domain: Option<&str>) -> anyhow::Result<Vec<Value>> {
+    let req = DescribeNodesRequest {
+        domain: domain.map(str::to_string),
+        node_ids: vec![],
+        live_only: false,
+    };
+    let reply: DescribeNodesReply = c
+        .must(Service::Provisioner, Op::DescribeNodes, &req)
+        .await?;
+    let mut health: BTreeMap<String, Value> = BTreeMap::new();
+    let domains: BTreeMap<String, ()> =
+        reply.nodes.iter().map(|n| (n.domain.clone(), ())).collect();
+    for d in domains.keys() {
+        if let Ok(v) = c
+            .ask::<_, Value>(
+                Service::Controller,
+                Op::DescribeDomain,
+                &json!({"domain": d}),
+            )
+            .await
+        {
+            for n in v["nodes"].as_array().cloned().unwrap_or_default() {
+                health.insert(s(&n["node_id"]), n["health"].clone());
+            }
+        }
+    }
+    Ok(reply
+        .nodes
+        .iter()
+        .map(|n| {
+            json!({
+                "node_id": n.node_id,
+                "domain": n.domain,
+                "state": n.state,
+                "health": health.get(&n.node_id).cloned().unwrap_or(json!("UNKNOWN")),
+                "iaas_id": n.iaas_id,
+                "launch_id": n.launch_id,
+                "driver": n.driver,
+                "reason": n.reason,
+                "since": n.since(),
+            })
+        })
+        .collect())
+}
+
+pub async fn inspect(
+    rec: &RunRecord,
+    what: &str,
+    domain: Option<&str>,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    let c = Client::connect(rec).await?;
+    let result = inspect_with(&c, what, domain, as_json).await;
+    c.close().await;
+    result
+}
+
+async fn inspect_with(
+    c: &Client,
+    what: &str,
+    domain: Option<&str>,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    match what {
+        "nodes" => {
+            let rows = node_rows(c, domain).await?;
+            if as_json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                let t: Vec<Vec<String>> = rows
+                    .iter()
+                    .map(|r| {
+                        [
+                            "node_id",
+                            "domain",
+                            "state",
+                            "health",
+                            "iaas_id",
+                            "launch_id",
+                            "reason",
+                        ]
+                        .iter()
+                        .map(|k| s(&r[*k]))
+                        .collect()
+                    })
+                    .collect();
+                table(
+                    &[
+                        "node_id",
+                        "domain",
+                        "state",
+                        "health",
+                        "iaas_id",
+                        "launch_id",
+                        "reason",
+                    ],
+                    &t,
+                );
+            }
+        }
+        "domains" => {
+            let names = domain_names(c, domain).await?;
+            let mut out = Vec::new();
+            for d in names {
+                let v: Value = c
+                    .must(
+                        Service::Controller,
+                        Op::DescribeDomain,
+                        &json!({"domain": d}),
+                    )
+                    .await?;
+                out.push(v);
+            }
+            if as_json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                for d in out {
+                    println!(
+                        "domain {}: engine {} ({}), desired {}, running {}, pending {}, unhealthy {}, backlog {}, dry_run {}, paused {}",
+                        s(&d["domain"]), s(&d["engine"]), s(&d["engine_state"]), s(&d["desired"]),
+                        s(&d["running"]), s(&d["pending"]), s(&d["unhealthy"]), s(&d["backlog"]),
+                        s(&d["dry_run"]), s(&d["paused"])
+                    );
+                    println!("  config: {}", d["engine_conf"]);
+                    println!("  report: {}", d["report"]);
+                }
+            }
+        }
+        "decisions" => {
+            let names = domain_names(c, domain).await?;
+            let mut all = Vec::new();
+            for d in names {
+                let v: Value = c
+                    .must(
+                        Service::Controller,
+                        Op::DescribeDomain,
+                        &json!({"domain": d}),
+                    )
+                    .await?;
+                all.extend(v["decisions"].as_array().cloned().unwrap_or_default());
+            }
+            all.sort_by(|a, b| s(&a["at"]).cmp(&s(&b["at"])));
+            if as_json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                let t: Vec<Vec<String>> = all
+                    .iter()
+                    .map(|d| {
+                        vec![
+                            s(&d["at"]),
+                            s(&d["domain"]),
+                            s(&d["engine"]),
+                            d["launched"]
+                                .as_array()
+                                .map(|a| a.len())
+                                .unwrap_or(0)
+                                .to_string(),
+                            d["destroyed"]
+                                .as_array()
+                                .map(|a| a.len())
+                                .unwrap_or(0)
+                                .to_string(),
+                            s(&d["desired"]),
+                            d["reasons"]
+                                .as_array()
+                                .map(|r| r.iter().map(s).collect::<Vec<_>>().join("; "))
+                                .unwrap_or_default(),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &[
+                        "at",
+                        "domain",
+                        "engine",
+                        "launched",
+                        "destroyed",
+                        "desired",
+                        "reason",
+                    ],
+                    &t,
+                );
+            }
+        }
+        other => anyhow::bail!("cannot inspect {other:?}: choose nodes, domains or decisions"),
+    }
+    Ok(())
+}
+
+async fn domain_names(c: &Client, domain: Option<&str>) -> anyhow::Result<Vec<String>> {
+    if let Some(d) = domain {
+        return Ok(vec![d.to_string()]);
+    }
+    let list: Value = c
+        .must(Service::Controller, Op::ListDomains, &json!({}))
+        .await?;
+    Ok(list
+        .as_array()
+        .map(|a| a.iter().map(|d| s(&d["domain"])).collect())
+        .unwrap_or_default())
+}
+
+/// Every lifecycle event in the run's JSON logs, oldest first.
+pub fn read_events(rec: &RunRecord) -> Vec<(String, EventRecord)> {
+    let mut out = Vec::new();
+    let dir = rec.run_dir.join("logs");
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.extension().is_none_or(|x| x != "jsonl") {
+                continue;
+            }
+            let source = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_default();
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                for line in text.lines() {
+                    if let Some(ev) = parse_event_line(line) {
+                        out.push((source.clone(), ev));
+                    }
+                }
+            }
+        }
+    }
+    out.sort_by_key(|e| e.1.timestamp);
+    out
+}
+
+pub fn events(rec: &RunRecord, kind: Option<&str>, as_json: bool) -> anyhow::Result<()> {
+    let evs: Vec<(String, EventRecord)> = read_events(rec)
+        .into_iter()
+        .filter(|(_, e)| kind.is_none_or(|k| e.event == k))
+        .collect();
+    if as_json {
+        let v: Vec<Value> = evs
+            .iter()
+            .map(|(src, e)| {
+                json!({"timestamp": e.timestamp, "source": src, "event": e.event, "level": e.level, "fields": e.fields})
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    for (src, e) in evs {
+        let mut fields: Vec<String> = Vec::new();
+        for (k, v) in &e.fields {
+            if k == "message" || k == "span" || k == "spans" {
+                continue;
+            }
+            fields.push(format!("{k}={}", s(v)));
+        }
+        println!(
+            "{}  {:<18} {:<24} {}",
+            e.timestamp.format("%Y-%m-%dT%H:%M:%S%.3fZ"),
+            src,
+            e.event,
+            fields.join(" ")
+        );
+    }
+    Ok(())
+}
+
+pub async fn find_workers(rec: &RunRecord, as_json: bool) -> anyhow::Result<()> {
+    let c = Client::connect(rec).await?;
+    let rows = node_rows(&c, None).await;
+    c.close().await;
+    let rows: Vec<Value> = rows?
+        .into_iter()
+        .filter(|r| {
+            !r["state"]
+                .as_str()
+                .is_some_and(|s| matches!(s, "TERMINATED" | "FAILED" | "REJECTED"))
+        })
+        .map(|mut r| {
+            if r["driver"] == json!("local") {
+                let log = rec
+                    .run_dir
+                    .join("workers")
+                    .join(format!("{}.log", s(&r["node_id"])));
+                r["log_file"] = json!(log);
+                let alive = r["iaas_id"]
+                    .as_str()
+                    .and_then(|p| p.parse::<u32>().ok())
+                    .is_some_and(pid_alive);
+                r["process_alive"] = json!(alive);
+            }
+            r
+        })
+        .collect();
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        let t: Vec<Vec<String>> = rows
+            .iter()
+            .map(|r| {
+                vec![
+                    s(&r["node_id"]),
+                    s(&r["domain"]),
+                    s(&r["state"]),
+                    s(&r["driver"]),
+                    s(&r["iaas_id"]),
+                    s(&r["log_file"]),
+                ]
+            })
+            .collect();
+        table(
+            &[
+                "node_id", "domain", "state", "driver", "iaas_id", "log_file",
+            ],
+            &t,
+        );
+    }
+    Ok(())
+}
+
+/// Builds a reconfigure request from `KEY=VALUE` words: `dry_run` and `paused`
+/// switch the domain; every other key goes to the engine.
+pub fn reconfigure_request(
+    domain: &str,
+    assignments: &[String],
+) -> anyhow::Result<ReconfigureRequest> {
+    let mut req = ReconfigureRequest {
+        domain: domain.to_string(),
+        engine_conf: Map::new(),
+        dry_run: None,
+        paused: None,
+    };
+    if assignments.is_empty() {
+        anyhow::bail!("nothing to change: give KEY=VALUE pairs, e.g. preserve_n=5");
+    }
+    for a in assignments {
+        let Some((k, v)) = a.split_once('=') else {
+            anyhow::bail!("{a:?} is not KEY=VALUE");
+        };
+        let (k, v) = (k.trim(), v.trim());
+        let as_bool = || match v.to_ascii_lowercase().as_str() {
+            "true" | "yes" | "on" | "1" => Ok(true),
+            "false" | "no" | "off" | "0" => Ok(false),
+            _ => Err(anyhow::anyhow!("{k} must be true or false, got {v:?}")),
+        };
+        match k {
+            "dry_run" => req.dry_run = Some(as_bool()?),
+            "paused" => req.paused = Some(as_bool()?),
+            "" => anyhow::bail!("{a:?} has no key"),
+            _ => {
+                req.engine_conf
+                    .insert(k.to_string(), Value::String(v.to_string()));
+            }
+        }
+    }
+    Ok(req)
+}
+
+pub async fn reconfigure(
+    rec: &RunRecord,
+    domain: &str,
+    assignments: &[String],
+    as_json: bool,
+) -> anyhow::Result<()> {
+    let req = reconfigure_request(domain, assignments)?;
+    let c = Client::connect(rec).await?;
+    let r = c
+        .ask::<_, Value>(Service::Controller, Op::Reconfigure, &req)
+        .await;
+    c.close().await;
+    match r {
+        Ok(v) => {
+            if as_json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({"accepted": true, "domain": v}))?
+                );
+            } else {
+                println!("accepted: domain {domain} now has {}", v["engine_conf"]);
+            }
+            Ok(())
+        }
+        Err(e)
+            if matches!(
+                e.code,
+                epu_core::wire::ErrorCode::Timeout | epu_core::wire::ErrorCode::Unavailable
+            ) =>
+        {
+            Err(user_error(
+                crate::client::EXIT_UNREACHABLE,
+                format!("the controller did not answer: {}", e.message),
+            ))
+        }
+        Err(e) => {
+            if as_json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({"accepted": false, "reason": e.message}))?
+                );
+            }
+            Err(user_error(EXIT_REFUSED, format!("refused: {}", e.message)))
+        }
+    }
+}
+
+pub fn list(as_json: bool) -> anyhow::Result<()> {
+    let runs = list_runs();
+    if as_json {
+        let v: Vec<Value> = runs
+            .iter()
+            .map(|r| json!({"run": r.run, "transport": r.transport, "up": r.supervisor_alive(), "state": r.state, "run_dir": r.run_dir, "created": r.created}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = runs
+        .iter()
+        .map(|r| {
+            vec![
+                r.run.clone(),
+                format!("{:?}", r.transport).to_lowercase(),
+                if r.supervisor_alive() {
+                    "up".into()
+                } else {
+                    "down".into()
+                },
+                r.created.format("%Y-%m-%d %H:%M:%S").to_string(),
+                r.run_dir.display().to_string(),
+            ]
+        })
+        .collect();
+    table(&["run", "transport", "state", "created", "run_dir"], &rows);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconfigure_words_become_a_request() {
+        let r =
+            reconfigure_request("web", &["preserve_n=5".into(), "dry_run=yes".into()]).expect("ok");
+        assert_eq!(r.engine_conf.get("preserve_n"), Some(&json!("5")));
+        assert_eq!(r.dry_run, Some(true));
+        assert!(reconfigure_request("web", &["preserve_n".into()]).is_err());
+        assert!(reconfigure_request("web", &["paused=maybe".into()]).is_err());
+        assert!(reconfigure_request("web", &[]).is_err());
+    }
+}
