@@ -298,7 +298,7 @@ pub async fn run(
         beat_rx,
     ));
 
-    let spawned = tokio::process::Command::new(program)
+    let spawned = tokio::process::Command::new(epu_core::service::resolve_command(program))
         .args(args)
         .env("EPU_JOBS_FILE", jobs.path())
         .stdin(Stdio::inherit())

@@ -39,14 +39,13 @@ pub async fn main_with(registry: Registry) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let health = Health::new();
     if let Some(addr) = cfg.telemetry.http_addr {
-        let (bound, _task) = spawn_http(
+        let (_bound, _task) = spawn_http(
             addr,
             metrics.clone(),
             health.clone(),
             std::future::pending::<()>(),
         )
         .await?;
-        tracing::info!(event = "http_listening", addr = %bound, "serving /metrics /healthz /readyz");
     }
     let store = SledStore::open(&cfg.store.path)
         .with_context(|| format!("opening the store at {}", cfg.store.path.display()))?;

@@ -1,6 +1,7 @@
 //! What every service binary does at its edges: connect its bus from config, wait
 //! for a shutdown signal. Kept here so the three services start the same way.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::bus::amqp::AmqpBus;
@@ -55,4 +56,29 @@ pub async fn shutdown_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+/// A bare command name (`epu-agent`) is looked for first beside the running
+/// executable — epu's binaries are installed (and built by cargo) side by side —
+/// then on `PATH`. A name with a `/` is used as given.
+pub fn resolve_command(command: &str) -> PathBuf {
+    if !command.contains('/') {
+        if let Some(dir) = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+        {
+            let beside = dir.join(command);
+            if beside.is_file() {
+                return beside;
+            }
+            // Test binaries live one level down (target/debug/deps).
+            if let Some(up) = dir.parent() {
+                let beside = up.join(command);
+                if dir.file_name().is_some_and(|n| n == "deps") && beside.is_file() {
+                    return beside;
+                }
+            }
+        }
+    }
+    PathBuf::from(command)
 }

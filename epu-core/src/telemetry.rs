@@ -195,6 +195,8 @@ pub fn init_tracing(cfg: &TelemetryConfig) -> Result<(), TelemetryError> {
 pub mod events {
     /// A service finished starting and is serving.
     pub const SERVICE_STARTED: &str = "service_started";
+    /// The telemetry HTTP server is bound (`addr`); `epumgmt` finds services by it.
+    pub const HTTP_LISTENING: &str = "http_listening";
     /// A service is shutting down.
     pub const SERVICE_STOPPING: &str = "service_stopping";
     /// A node record moved to a new state (`node_id`, `state`, `reason`).
@@ -448,7 +450,7 @@ where
     let bound = listener
         .local_addr()
         .map_err(|source| TelemetryError::Bind { addr, source })?;
-    tracing::info!(addr = %bound, "telemetry http server listening");
+    tracing::info!(event = events::HTTP_LISTENING, addr = %bound, "serving /metrics /healthz /readyz");
     let task = tokio::spawn(serve_http(listener, metrics, health, shutdown));
     Ok((bound, task))
 }

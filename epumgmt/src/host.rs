@@ -86,7 +86,6 @@ pub async fn run_standalone(rec: &mut RunRecord, plan: &LaunchPlan) -> anyhow::R
         std::future::pending::<()>(),
     )
     .await?;
-    tracing::info!(event = "http_listening", addr = %http, "serving /metrics /healthz /readyz");
     let secret = rec.secret()?;
     let bus_metrics = BusMetrics::register(metrics.registry())?;
     let opts = |sender: &str| {

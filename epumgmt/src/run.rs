@@ -262,7 +262,7 @@ fn find_http_addr(log: &Path, offset: u64) -> Option<String> {
     text.lines()
         .rev()
         .filter_map(epu_core::telemetry::parse_event_line)
-        .filter(|e| e.event == "http_listening")
+        .filter(|e| e.event == epu_core::telemetry::events::HTTP_LISTENING)
         .find_map(|e| {
             e.fields
                 .get("addr")

@@ -148,7 +148,7 @@ pub struct LocalDriverConfig {
     /// Passed to workers as `EPU_HEARTBEAT__INTERVAL_SECS`.
     pub heartbeat_interval_secs: Option<f64>,
     /// When set, the only `command`s a local deployable may run (as written in the
-    /// request). `provision` is not a signed operation, so on a shared broker set this.
+    /// request): a second line of defence behind the signed `provision`.
     pub allowed_commands: Option<Vec<String>>,
 }
 

@@ -344,7 +344,8 @@ impl LocalDriver {
             .try_clone()
             .map_err(|e| io_error("open the log file", &log_path, &e))?;
 
-        let mut cmd = tokio::process::Command::new(resolve_command(&spec.command));
+        let mut cmd =
+            tokio::process::Command::new(epu_core::service::resolve_command(&spec.command));
         cmd.args(&spec.args)
             .current_dir(&cwd)
             .stdin(Stdio::null())
@@ -548,31 +549,6 @@ impl IaasDriver for LocalDriver {
     fn take_events(&self) -> Option<EventReceiver> {
         lock(&self.events_rx).take()
     }
-}
-
-/// A bare command name (`epu-agent`) is looked for first beside the running
-/// executable — epu's binaries are installed (and built by cargo) side by side —
-/// then on `PATH`. A name with a `/` is used as given.
-pub fn resolve_command(command: &str) -> PathBuf {
-    if !command.contains('/') {
-        if let Some(dir) = std::env::current_exe()
-            .ok()
-            .and_then(|p| p.parent().map(Path::to_path_buf))
-        {
-            let beside = dir.join(command);
-            if beside.is_file() {
-                return beside;
-            }
-            // Test binaries live one level down (target/debug/deps).
-            if let Some(up) = dir.parent() {
-                let beside = up.join(command);
-                if dir.file_name().is_some_and(|n| n == "deps") && beside.is_file() {
-                    return beside;
-                }
-            }
-        }
-    }
-    PathBuf::from(command)
 }
 
 #[cfg(test)]
