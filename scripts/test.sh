@@ -40,6 +40,11 @@ MOTO_PID=""
 ensure_moto() {
   local bin
   bin=$(command -v moto_server || true)
+  # The tests also ask the IaaS directly with boto3 (which moto brings).
+  export EPU_MOTO_PYTHON=python3
+  if [ -n "$bin" ] && ! python3 -c 'import boto3' 2>/dev/null; then
+    bin=""
+  fi
   if [ -z "$bin" ]; then
     local venv="${EPU_MOTO_VENV:-$HOME/.cache/epu/moto-venv}"
     if [ ! -x "$venv/bin/moto_server" ]; then
@@ -51,6 +56,7 @@ ensure_moto() {
       "$venv/bin/pip" install -q 'moto[server]'
     fi
     bin="$venv/bin/moto_server"
+    export EPU_MOTO_PYTHON="$venv/bin/python"
   fi
   local port
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')

@@ -465,7 +465,8 @@ pub fn render_template(template: &str, ctx: &TemplateContext<'_>) -> Result<Stri
     Ok(out)
 }
 
-/// Whether a user-data template needs a per-node value (`{{node_id}}`).
+/// Whether a user-data template needs a per-node value: `{{node_id}}`, or
+/// `{{heartbeat}}`, whose settings block carries the node id the agent reports.
 pub fn uses_node_id(template: &str) -> bool {
     let mut rest = template;
     while let Some(start) = rest.find("{{") {
@@ -473,7 +474,7 @@ pub fn uses_node_id(template: &str) -> bool {
         let Some(end) = after.find("}}") else {
             return false;
         };
-        if after[..end].trim() == "node_id" {
+        if matches!(after[..end].trim(), "node_id" | "heartbeat") {
             return true;
         }
         rest = &after[end + 2..];
@@ -564,6 +565,10 @@ mod tests {
             "x {{node_id}}"
         );
         assert!(uses_node_id("a {{ node_id }}"));
+        assert!(
+            uses_node_id("{{heartbeat}}"),
+            "the heartbeat block names the node"
+        );
         assert!(!uses_node_id("a {{run}}"));
     }
 }
