@@ -266,11 +266,9 @@ impl Envelope {
 
     /// Parses the body into a typed request; a failure is a `bad_request`.
     pub fn parse_body<T: serde::de::DeserializeOwned>(&self) -> Result<T, ReplyError> {
-        serde_json::from_value(self.body.clone()).map_err(|e| {
-            ReplyError::new(
-                ErrorCode::BadRequest,
-                format!("{}: invalid body: {e}", self.op),
-            )
+        serde_json::from_value(self.body.clone()).map_err(|e| ReplyError {
+            malformed: true,
+            ..ReplyError::bad_request(format!("{}: invalid body: {e}", self.op))
         })
     }
 }
@@ -311,6 +309,10 @@ impl ErrorCode {
 pub struct ReplyError {
     pub code: ErrorCode,
     pub message: String,
+    /// The message itself was malformed (its body did not parse): besides any
+    /// reply, the bus copies it to the dead-letter queue. Not on the wire.
+    #[serde(skip)]
+    pub malformed: bool,
 }
 
 impl ReplyError {
@@ -318,6 +320,7 @@ impl ReplyError {
         ReplyError {
             code,
             message: message.into(),
+            malformed: false,
         }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -368,11 +371,19 @@ pub enum RejectReason {
     BadEnvelope(String),
     UnknownVersion(u64),
     UnknownOp(String),
-    WrongRun { expected: String, got: String },
-    WrongService { op: String, service: String },
+    WrongRun {
+        expected: String,
+        got: String,
+    },
+    WrongService {
+        op: String,
+        service: String,
+    },
     MissingSignature,
     BadSignature,
     NoSecretConfigured,
+    /// The envelope was fine but the service could not read its body.
+    BadBody(String),
 }
 
 impl RejectReason {
@@ -388,6 +399,7 @@ impl RejectReason {
             RejectReason::MissingSignature => "missing_signature",
             RejectReason::BadSignature => "bad_signature",
             RejectReason::NoSecretConfigured => "no_secret_configured",
+            RejectReason::BadBody(_) => "bad_body",
         }
     }
 }
@@ -414,6 +426,7 @@ impl fmt::Display for RejectReason {
                 write!(f, "missing_signature: control operation without {SIGNATURE_HEADER}")
             }
             RejectReason::BadSignature => write!(f, "bad_signature: HMAC does not match"),
+            RejectReason::BadBody(e) => write!(f, "bad_body: {e}"),
             RejectReason::NoSecretConfigured => write!(
                 f,
                 "no_secret_configured: control operation refused because this service has no shared secret"

@@ -331,6 +331,78 @@ async fn refused_messages_go_to_the_dead_letter_queue(h: Harness) {
     h.finish().await;
 }
 
+async fn malformed_bodies_are_dead_lettered_and_answered(h: Harness) {
+    #[derive(serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Needs {
+        node_id: String,
+    }
+    let handled = Arc::new(AtomicUsize::new(0));
+    let c = handled.clone();
+    let handler = Arc::new(FnHandler(move |m: Incoming| {
+        let c = c.clone();
+        async move {
+            let _: Needs = m.envelope.parse_body()?;
+            c.fetch_add(1, Ordering::SeqCst);
+            Ok(json!(null))
+        }
+    }));
+    let server = h
+        .server
+        .serve(Service::SensorAggregator, handler)
+        .await
+        .expect("serve");
+    // One-way, with a body the service cannot read: dead-lettered, not lost.
+    let bad = Envelope::new(&h.run, Op::Heartbeat, "t", json!({"nodeid": "typo"}));
+    h.client
+        .send(Service::SensorAggregator, &bad)
+        .await
+        .expect("send");
+    // A request with such a body is answered bad_request, and dead-lettered too.
+    let asked = Envelope::new(&h.run, Op::DescribeSensors, "t", json!({}));
+    let err = h
+        .client
+        .request(Service::SensorAggregator, &asked, Duration::from_secs(10))
+        .await
+        .expect_err("bad body");
+    assert_eq!(err.code, ErrorCode::BadRequest, "{err}");
+    assert!(err.message.contains("node_id"), "{err}");
+    let good = Envelope::new(&h.run, Op::Heartbeat, "t", json!({"node_id": "n1"}));
+    h.client
+        .send(Service::SensorAggregator, &good)
+        .await
+        .expect("send");
+    assert!(
+        wait_until(Duration::from_secs(10), || handled.load(Ordering::SeqCst)
+            == 1)
+        .await
+    );
+    let mut dead = Vec::new();
+    let collect = async {
+        while dead.len() < 2 {
+            dead.extend(h.client.take_dead_letters(10).await.expect("take"));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), collect)
+        .await
+        .expect("both dead-lettered");
+    assert!(
+        dead.iter().all(|d| d.reason.starts_with("bad_body")),
+        "{dead:?}"
+    );
+    assert_eq!(dead[0].payload, bad.to_bytes().expect("bytes"));
+    assert_eq!(
+        h.metrics
+            .rejected
+            .with_label_values(&["sensor-aggregator", "bad_body"])
+            .get(),
+        2
+    );
+    server.stop().await;
+    h.finish().await;
+}
+
 async fn signed_control_ops_are_accepted_and_bad_ones_answered(h: Harness) {
     let (handler, seen) = recorder();
     let server = h
@@ -487,6 +559,10 @@ macro_rules! suite {
             #[tokio::test]
             async fn dead_letters() {
                 refused_messages_go_to_the_dead_letter_queue(super::$transport("dl").await).await
+            }
+            #[tokio::test]
+            async fn bad_bodies() {
+                malformed_bodies_are_dead_lettered_and_answered(super::$transport("bb").await).await
             }
             #[tokio::test]
             async fn control_signatures() {

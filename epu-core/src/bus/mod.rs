@@ -303,18 +303,6 @@ impl Dispatcher {
         };
         match decode(payload, headers, dest) {
             Err(reason) => {
-                self.opts
-                    .metrics
-                    .rejected
-                    .with_label_values(&[self.service.as_str(), reason.label()])
-                    .inc();
-                tracing::warn!(
-                    event = "message_rejected",
-                    service = %self.service,
-                    reason = %reason,
-                    bytes = payload.len(),
-                    "refused a message; it goes to the dead-letter queue"
-                );
                 let reply = if wants_reply {
                     let code = match reason {
                         RejectReason::UnknownOp(_) | RejectReason::WrongService { .. } => {
@@ -331,11 +319,7 @@ impl Dispatcher {
                 };
                 Outcome {
                     reply,
-                    dead: Some(DeadLetter {
-                        reason: reason.to_string(),
-                        queue: self.run.queue(self.service),
-                        payload: payload.to_vec(),
-                    }),
+                    dead: Some(self.refuse(payload, reason)),
                 }
             }
             Ok(envelope) => {
@@ -353,16 +337,41 @@ impl Dispatcher {
                         wants_reply,
                     })
                     .await;
+                let mut dead = None;
                 if let Err(e) = &result {
                     tracing::debug!(service = %self.service, %op, error = %e, "handler answered with an error");
+                    if e.malformed {
+                        dead = Some(self.refuse(payload, RejectReason::BadBody(e.message.clone())));
+                    }
                 }
                 let reply = if wants_reply {
                     self.reply_bytes(result)
                 } else {
                     None
                 };
-                Outcome { reply, dead: None }
+                Outcome { reply, dead }
             }
+        }
+    }
+
+    /// Counts and logs a refusal; the dead letter to store.
+    fn refuse(&self, payload: &[u8], reason: RejectReason) -> DeadLetter {
+        self.opts
+            .metrics
+            .rejected
+            .with_label_values(&[self.service.as_str(), reason.label()])
+            .inc();
+        tracing::warn!(
+            event = "message_rejected",
+            service = %self.service,
+            reason = %reason,
+            bytes = payload.len(),
+            "refused a message; it goes to the dead-letter queue"
+        );
+        DeadLetter {
+            reason: reason.to_string(),
+            queue: self.run.queue(self.service),
+            payload: payload.to_vec(),
         }
     }
 
