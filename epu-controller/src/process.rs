@@ -2,16 +2,11 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use anyhow::Context;
 use clap::Parser;
 use decision_engines::Registry;
-use epu_core::bus::BusMetrics;
 use epu_core::clock::SystemClock;
-use epu_core::service::{bus_options, connect_bus, shutdown_signal};
-use epu_core::store::SledStore;
-use epu_core::telemetry::{init_tracing, spawn_http, Health, Metrics};
+use epu_core::service::{shutdown_signal, ServiceBasics};
 
 use crate::{load_policies, Controller, ControllerConfig};
 
@@ -34,34 +29,22 @@ pub async fn main_with(registry: Registry) -> anyhow::Result<()> {
     let args = Args::parse();
     let env: HashMap<String, String> = std::env::vars().collect();
     let cfg: ControllerConfig = epu_core::config::load(Some(&args.config), &env)?;
-    init_tracing(&cfg.telemetry)?;
     let policies = load_policies(&cfg.policies, &registry)?;
-    let metrics = Metrics::new();
-    let health = Health::new();
-    if let Some(addr) = cfg.telemetry.http_addr {
-        let (_bound, _task) = spawn_http(
-            addr,
-            metrics.clone(),
-            health.clone(),
-            std::future::pending::<()>(),
-        )
-        .await?;
-    }
-    let store = SledStore::open(&cfg.store.path)
-        .with_context(|| format!("opening the store at {}", cfg.store.path.display()))?;
-    let bus_metrics = BusMetrics::register(metrics.registry())?;
-    let bus = connect_bus(
-        &cfg.bus,
+    let basics = ServiceBasics::start(
+        "epu-controller",
         &cfg.run,
-        bus_options(&cfg.bus, "epu-controller", bus_metrics),
+        &cfg.bus,
+        &cfg.telemetry,
+        &cfg.store,
     )
     .await?;
+    let health = basics.health.clone();
     let (_controller, server) = Controller::start(
         cfg.run.clone(),
-        bus,
-        Arc::new(store),
+        basics.bus.clone(),
+        basics.store.clone(),
         SystemClock::shared(),
-        &metrics,
+        &basics.metrics,
         health.clone(),
         registry,
         policies,

@@ -19,8 +19,10 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::json;
 
 const N: usize = 5_000;
+/// Measured rounds of each, interleaved (raw, bus, raw, bus, ...) after a warm-up.
+const ROUNDS: usize = 3;
 
-async fn raw_lapin(payload: &[u8]) -> (f64, f64) {
+async fn raw_lapin(payload: &[u8], n: usize) -> (f64, f64) {
     let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
         .await
         .expect("connect");
@@ -40,7 +42,7 @@ async fn raw_lapin(payload: &[u8]) -> (f64, f64) {
         .await
         .expect("confirms");
     let start = Instant::now();
-    for _ in 0..N {
+    for _ in 0..n {
         ch.basic_publish(
             "".into(),
             q.as_str().into(),
@@ -53,7 +55,7 @@ async fn raw_lapin(payload: &[u8]) -> (f64, f64) {
         .await
         .expect("confirm");
     }
-    let publish = N as f64 / start.elapsed().as_secs_f64();
+    let publish = n as f64 / start.elapsed().as_secs_f64();
     let cch = conn.create_channel().await.expect("channel");
     cch.basic_qos(64, BasicQosOptions::default())
         .await
@@ -69,12 +71,12 @@ async fn raw_lapin(payload: &[u8]) -> (f64, f64) {
         .expect("consume");
     let start = Instant::now();
     let mut got = 0;
-    while got < N {
+    while got < n {
         let d = consumer.next().await.expect("stream").expect("delivery");
         d.ack(BasicAckOptions::default()).await.expect("ack");
         got += 1;
     }
-    let consume = N as f64 / start.elapsed().as_secs_f64();
+    let consume = n as f64 / start.elapsed().as_secs_f64();
     let _ = ch
         .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
         .await;
@@ -82,15 +84,15 @@ async fn raw_lapin(payload: &[u8]) -> (f64, f64) {
     (publish, consume)
 }
 
-async fn epu_bus(body: &str) -> (f64, f64) {
+async fn epu_bus(body: &str, n: usize) -> (f64, f64) {
     let run = test_run("bench");
     let bus = amqp_bus(&run, test_options("bench")).await;
     let start = Instant::now();
-    for _ in 0..N {
+    for _ in 0..n {
         let env = Envelope::new(&run, Op::InstanceInfo, "bench", json!({ "pad": body }));
         bus.send(Service::Controller, &env).await.expect("send");
     }
-    let publish = N as f64 / start.elapsed().as_secs_f64();
+    let publish = n as f64 / start.elapsed().as_secs_f64();
     let count = Arc::new(AtomicUsize::new(0));
     let c = count.clone();
     let start = Instant::now();
@@ -107,10 +109,10 @@ async fn epu_bus(body: &str) -> (f64, f64) {
         )
         .await
         .expect("serve");
-    while count.load(Ordering::Relaxed) < N {
+    while count.load(Ordering::Relaxed) < n {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let consume = N as f64 / start.elapsed().as_secs_f64();
+    let consume = n as f64 / start.elapsed().as_secs_f64();
     server.stop().await;
     bus.delete_topology().await.expect("cleanup");
     bus.close().await;
@@ -128,10 +130,20 @@ async fn main() {
         json!({ "pad": body }),
     );
     let payload = sample.to_bytes().expect("encode");
-    let (raw_pub, raw_con) = raw_lapin(&payload).await;
-    let (bus_pub, bus_con) = epu_bus(&body).await;
+    // Warm the broker (and its disk) up for both, then interleave measured rounds.
+    raw_lapin(&payload, 500).await;
+    epu_bus(&body, 500).await;
+    let (mut raw_pub, mut raw_con, mut bus_pub, mut bus_con) = (0.0, 0.0, 0.0, 0.0);
+    for _ in 0..ROUNDS {
+        let (p, c) = raw_lapin(&payload, N).await;
+        raw_pub += p / ROUNDS as f64;
+        raw_con += c / ROUNDS as f64;
+        let (p, c) = epu_bus(&body, N).await;
+        bus_pub += p / ROUNDS as f64;
+        bus_con += c / ROUNDS as f64;
+    }
     println!(
-        "bus throughput, {N} messages of {} bytes, confirmed one at a time",
+        "bus throughput, {N} messages of {} bytes, confirmed one at a time, mean of {ROUNDS} interleaved rounds",
         payload.len()
     );
     println!(

@@ -82,3 +82,69 @@ pub fn resolve_command(command: &str) -> PathBuf {
     }
     PathBuf::from(command)
 }
+
+/// What a service process sets up before its own work: tracing, the
+/// `/metrics` `/healthz` `/readyz` server, its store, and its bus (whose
+/// counters go to the same registry). One implementation for every binary.
+pub struct ServiceBasics {
+    pub metrics: crate::telemetry::Metrics,
+    pub health: crate::telemetry::Health,
+    pub store: Arc<crate::store::SledStore>,
+    pub bus: Arc<dyn Bus>,
+}
+
+/// Why a service could not set itself up.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Telemetry(#[from] crate::telemetry::TelemetryError),
+    #[error("opening the store at {path}: {source}")]
+    Store {
+        path: PathBuf,
+        source: crate::store::StoreError,
+    },
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("registering metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+impl ServiceBasics {
+    /// Sets up tracing, the HTTP server (when `telemetry.http_addr` is set), the
+    /// store and the bus, in that order. Readiness stays false until the service
+    /// raises it.
+    pub async fn start(
+        sender: &str,
+        run: &RunName,
+        bus: &BusConfig,
+        telemetry: &crate::config::TelemetryConfig,
+        store: &crate::config::StoreConfig,
+    ) -> Result<Self, ServiceError> {
+        crate::telemetry::init_tracing(telemetry)?;
+        let metrics = crate::telemetry::Metrics::new();
+        let health = crate::telemetry::Health::new();
+        if let Some(addr) = telemetry.http_addr {
+            // Served for the life of the process.
+            let (_bound, _task) = crate::telemetry::spawn_http(
+                addr,
+                metrics.clone(),
+                health.clone(),
+                std::future::pending::<()>(),
+            )
+            .await?;
+        }
+        let opened =
+            crate::store::SledStore::open(&store.path).map_err(|source| ServiceError::Store {
+                path: store.path.clone(),
+                source,
+            })?;
+        let bus_metrics = BusMetrics::register(metrics.registry())?;
+        let bus = connect_bus(bus, run, bus_options(bus, sender, bus_metrics)).await?;
+        Ok(ServiceBasics {
+            metrics,
+            health,
+            store: Arc::new(opened),
+            bus,
+        })
+    }
+}
