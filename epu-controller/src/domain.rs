@@ -557,7 +557,7 @@ impl Domain {
                 }
             }
         } else {
-            tracing::info!(event = "terminate_requested", domain = %self.policy.name, nodes = ?ids, "asked the provisioner to terminate");
+            tracing::info!(event = "terminate_sent", domain = %self.policy.name, nodes = ?ids, "asked the provisioner to terminate");
         }
     }
 
@@ -567,7 +567,7 @@ impl Domain {
                 .map_err(|e| ReplyError::bad_request(e.to_string()))?;
             self.engine.reconfigure(&partial).map_err(|e| {
                 ReplyError::bad_request(format!(
-                    "refused; domain {:?} keeps its old config: {e}",
+                    "{e}; domain {:?} keeps its old config",
                     self.policy.name
                 ))
             })?;
@@ -698,7 +698,7 @@ async fn send_provision(shared: &Shared, deployable: &Deployable, mut pending: P
     };
     match shared.bus.send(Service::Provisioner, &env).await {
         Ok(()) => {
-            tracing::info!(event = "launch_requested", domain = %pending.domain, launch_id = %pending.launch_id, count = pending.node_ids.len(), "asked the provisioner to launch");
+            tracing::info!(event = "provision_sent", domain = %pending.domain, launch_id = %pending.launch_id, count = pending.node_ids.len(), "asked the provisioner to launch");
             pending.last_sent = Some(shared.clock.now());
             let key = launch_key(&pending.domain, &pending.launch_id);
             // Only update the record if it is still pending (not yet acknowledged).

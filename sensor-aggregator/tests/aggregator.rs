@@ -297,7 +297,7 @@ async fn malformed_heartbeats_are_dead_lettered_and_it_keeps_going() {
             .await
             .expect("raw");
     }
-    // A valid envelope whose body is not a heartbeat: answered bad_request, counted.
+    // A valid envelope whose body is not a heartbeat: counted, and dead-lettered as bad_body.
     let bad_body = Envelope::new(&run, Op::Heartbeat, "x", json!({"node": "n1"}));
     test_bus
         .send(Service::SensorAggregator, &bad_body)
@@ -317,8 +317,8 @@ async fn malformed_heartbeats_are_dead_lettered_and_it_keeps_going() {
         let deadline = Instant::now() + EVENTUALLY;
         loop {
             dead.extend(test_bus.take_dead_letters(10).await.expect("dead"));
-            if dead.len() >= 3 || Instant::now() > deadline {
-                break dead.len() >= 3;
+            if dead.len() >= 4 || Instant::now() > deadline {
+                break dead.len() >= 4;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -328,7 +328,10 @@ async fn malformed_heartbeats_are_dead_lettered_and_it_keeps_going() {
         .iter()
         .map(|d| d.reason.split(':').next().unwrap_or(""))
         .collect();
-    assert_eq!(reasons, ["not_json", "unknown_version", "wrong_run"]);
+    assert_eq!(
+        reasons,
+        ["not_json", "unknown_version", "wrong_run", "bad_body"]
+    );
     assert!(dead
         .iter()
         .all(|d| d.queue == run.queue(Service::SensorAggregator)));
