@@ -42,6 +42,16 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) {
     }
 }
 
+/// Prints JSON rows as a table: each column is (header, key in the row).
+fn table_of(rows: &[Value], columns: &[(&str, &str)]) {
+    let headers: Vec<&str> = columns.iter().map(|(h, _)| *h).collect();
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| columns.iter().map(|(_, k)| s(&r[*k])).collect())
+        .collect();
+    table(&headers, &cells);
+}
+
 fn s(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
@@ -159,33 +169,18 @@ pub async fn status(rec: &RunRecord, as_json: bool) -> anyhow::Result<()> {
     println!();
     match domains {
         Some(Value::Array(ds)) => {
-            let rows: Vec<Vec<String>> = ds
-                .iter()
-                .map(|d| {
-                    vec![
-                        s(&d["domain"]),
-                        s(&d["engine"]),
-                        s(&d["engine_state"]),
-                        s(&d["desired"]),
-                        s(&d["running"]),
-                        s(&d["pending"]),
-                        s(&d["unhealthy"]),
-                        s(&d["backlog"]),
-                    ]
-                })
-                .collect();
-            table(
+            table_of(
+                &ds,
                 &[
-                    "domain",
-                    "engine",
-                    "state",
-                    "desired",
-                    "running",
-                    "pending",
-                    "unhealthy",
-                    "backlog",
+                    ("domain", "domain"),
+                    ("engine", "engine"),
+                    ("state", "engine_state"),
+                    ("desired", "desired"),
+                    ("running", "running"),
+                    ("pending", "pending"),
+                    ("unhealthy", "unhealthy"),
+                    ("backlog", "backlog"),
                 ],
-                &rows,
             );
         }
         _ => println!("domains: the controller did not answer"),
@@ -263,35 +258,17 @@ async fn inspect_with(
             if as_json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                let t: Vec<Vec<String>> = rows
-                    .iter()
-                    .map(|r| {
-                        [
-                            "node_id",
-                            "domain",
-                            "state",
-                            "health",
-                            "iaas_id",
-                            "launch_id",
-                            "reason",
-                        ]
-                        .iter()
-                        .map(|k| s(&r[*k]))
-                        .collect()
-                    })
-                    .collect();
-                table(
-                    &[
-                        "node_id",
-                        "domain",
-                        "state",
-                        "health",
-                        "iaas_id",
-                        "launch_id",
-                        "reason",
-                    ],
-                    &t,
-                );
+                let keys = [
+                    "node_id",
+                    "domain",
+                    "state",
+                    "health",
+                    "iaas_id",
+                    "launch_id",
+                    "reason",
+                ];
+                let cols: Vec<(&str, &str)> = keys.iter().map(|k| (*k, *k)).collect();
+                table_of(&rows, &cols);
             }
         }
         "domains" => {
@@ -487,25 +464,11 @@ pub async fn find_workers(rec: &RunRecord, as_json: bool) -> anyhow::Result<()> 
     if as_json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        let t: Vec<Vec<String>> = rows
-            .iter()
-            .map(|r| {
-                vec![
-                    s(&r["node_id"]),
-                    s(&r["domain"]),
-                    s(&r["state"]),
-                    s(&r["driver"]),
-                    s(&r["iaas_id"]),
-                    s(&r["log_file"]),
-                ]
-            })
-            .collect();
-        table(
-            &[
-                "node_id", "domain", "state", "driver", "iaas_id", "log_file",
-            ],
-            &t,
-        );
+        let keys = [
+            "node_id", "domain", "state", "driver", "iaas_id", "log_file",
+        ];
+        let cols: Vec<(&str, &str)> = keys.iter().map(|k| (*k, *k)).collect();
+        table_of(&rows, &cols);
     }
     Ok(())
 }
