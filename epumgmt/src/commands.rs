@@ -272,18 +272,7 @@ async fn inspect_with(
             }
         }
         "domains" => {
-            let names = domain_names(c, domain).await?;
-            let mut out = Vec::new();
-            for d in names {
-                let v: Value = c
-                    .must(
-                        Service::Controller,
-                        Op::DescribeDomain,
-                        &json!({"domain": d}),
-                    )
-                    .await?;
-                out.push(v);
-            }
+            let out = describe_domains(c, domain).await?;
             if as_json {
                 println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
@@ -300,16 +289,8 @@ async fn inspect_with(
             }
         }
         "decisions" => {
-            let names = domain_names(c, domain).await?;
             let mut all = Vec::new();
-            for d in names {
-                let v: Value = c
-                    .must(
-                        Service::Controller,
-                        Op::DescribeDomain,
-                        &json!({"domain": d}),
-                    )
-                    .await?;
+            for v in describe_domains(c, domain).await? {
                 all.extend(v["decisions"].as_array().cloned().unwrap_or_default());
             }
             all.sort_by(|a, b| s(&a["at"]).cmp(&s(&b["at"])));
@@ -358,6 +339,22 @@ async fn inspect_with(
         other => anyhow::bail!("cannot inspect {other:?}: choose nodes, domains or decisions"),
     }
     Ok(())
+}
+
+/// `describe_domain` of the named domain, or of every domain of the run.
+async fn describe_domains(c: &Client, domain: Option<&str>) -> anyhow::Result<Vec<Value>> {
+    let mut out = Vec::new();
+    for d in domain_names(c, domain).await? {
+        out.push(
+            c.must(
+                Service::Controller,
+                Op::DescribeDomain,
+                &json!({"domain": d}),
+            )
+            .await?,
+        );
+    }
+    Ok(out)
 }
 
 async fn domain_names(c: &Client, domain: Option<&str>) -> anyhow::Result<Vec<String>> {

@@ -771,6 +771,24 @@ impl Inner {
         }
     }
 
+    /// One `terminate` call, timed, retried on retryable errors with the shared backoff.
+    async fn terminate_with_retry(
+        &self,
+        drv: &dyn IaasDriver,
+        chunk: &[InstanceRef],
+    ) -> Result<Vec<TerminateOutcome>, IaasError> {
+        retry(
+            &self.backoff,
+            self.max_attempts,
+            |e: &IaasError| e.is_retryable(),
+            || async move {
+                self.timed(drv.name(), "terminate", drv.terminate(chunk))
+                    .await
+            },
+        )
+        .await
+    }
+
     async fn timed<T, F>(&self, driver: &str, call: &str, fut: F) -> Result<T, IaasError>
     where
         F: std::future::Future<Output = Result<T, IaasError>>,
@@ -1228,18 +1246,7 @@ impl Inner {
                 node_ids = ?chunk.iter().take(20).map(|r| r.node_id.as_str()).collect::<Vec<_>>(),
                 "asking the IaaS to terminate"
             );
-            let me: &Inner = self;
-            let drv: &dyn IaasDriver = driver.as_ref();
-            let res = retry(
-                &self.backoff,
-                self.max_attempts,
-                |e: &IaasError| e.is_retryable(),
-                || async move {
-                    me.timed(drv.name(), "terminate", drv.terminate(chunk))
-                        .await
-                },
-            )
-            .await;
+            let res = self.terminate_with_retry(driver.as_ref(), chunk).await;
             match res {
                 Ok(outcomes) => {
                     let mut st = self.state.lock().await;
@@ -1293,18 +1300,7 @@ impl Inner {
             .with_label_values(&[driver_name])
             .inc_by(zombies.len() as u64);
         for chunk in zombies.chunks(1000) {
-            let me: &Inner = self;
-            let drv: &dyn IaasDriver = driver.as_ref();
-            let res = retry(
-                &self.backoff,
-                self.max_attempts,
-                |e: &IaasError| e.is_retryable(),
-                || async move {
-                    me.timed(drv.name(), "terminate", drv.terminate(chunk))
-                        .await
-                },
-            )
-            .await;
+            let res = self.terminate_with_retry(driver.as_ref(), chunk).await;
             if let Err(e) = res {
                 tracing::warn!(driver = driver_name, error = %e, "zombie terminate failed; the poll tries again");
             }
