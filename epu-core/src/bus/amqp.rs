@@ -106,12 +106,32 @@ impl AmqpBus {
     }
 
     /// Closes the connection; consumers stop reconnecting once their servers stop.
+    ///
+    /// Bounded: each step gets [`CLOSE_STEP_TIMEOUT`] and is abandoned after it. The
+    /// AMQP close handshake (`Connection.Close` → `Close-Ok`) is a promise inside
+    /// lapin that can stay pending after the socket is already gone, and a caller
+    /// that is done (a CLI that printed its answer, a service that is stopping) must
+    /// not wait on it: the broker drops an abandoned connection's exclusive queues
+    /// when the TCP connection ends.
     pub async fn close(&self) {
-        if let Some(server) = self.inner.reply_consumer.lock().await.take() {
-            server.stop().await;
+        let server = match tokio::time::timeout(
+            CLOSE_STEP_TIMEOUT,
+            self.inner.reply_consumer.lock(),
+        )
+        .await
+        {
+            Ok(mut guard) => guard.take(),
+            Err(_) => None,
+        };
+        if let Some(server) = server {
+            server.stop_within(CLOSE_STEP_TIMEOUT).await;
         }
-        if let Some(link) = self.inner.link.lock().await.take() {
-            let _ = link.conn.close(200, "bye".into()).await;
+        let link = match tokio::time::timeout(CLOSE_STEP_TIMEOUT, self.inner.link.lock()).await {
+            Ok(mut guard) => guard.take(),
+            Err(_) => None,
+        };
+        if let Some(link) = link {
+            close_connection(&link.conn, "bye").await;
         }
     }
 
@@ -151,15 +171,32 @@ impl AmqpBus {
                 *guard = Some(fresh.clone());
                 return Ok(fresh);
             }
-            let _ = link.conn.close(200, "reconnecting".into()).await;
+            close_connection(&link.conn, "reconnecting").await;
             self.inner.opts.metrics.reconnects.inc();
         }
         let props = ConnectionProperties::default().with_connection_name(
             format!("epu {} {}", self.inner.run, self.inner.opts.sender).into(),
         );
-        let conn = Connection::connect(&self.inner.url, props)
-            .await
-            .map_err(|e| BusError::Connect(format!("{} ({e})", redacted(&self.inner.url))))?;
+        let conn = match tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            Connection::connect(&self.inner.url, props),
+        )
+        .await
+        {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                return Err(BusError::Connect(format!(
+                    "{} ({e})",
+                    redacted(&self.inner.url)
+                )))
+            }
+            Err(_) => {
+                return Err(BusError::Connect(format!(
+                    "{} did not complete the AMQP handshake within {CONNECT_TIMEOUT:?}",
+                    redacted(&self.inner.url)
+                )))
+            }
+        };
         let conn = Arc::new(conn);
         let publish = open_publish_channel(&conn).await?;
         declare_topology(&publish, &self.inner.run, &self.inner.reply_queue).await?;
@@ -252,7 +289,7 @@ impl AmqpBus {
                 .is_some_and(|l| !l.conn.status().connected() || !l.publish.status().connected())
         {
             if let Some(old) = guard.take() {
-                let _ = old.conn.close(200, "reconnecting".into()).await;
+                close_connection(&old.conn, "reconnecting").await;
                 self.inner.opts.metrics.reconnects.inc();
             }
         }
@@ -410,7 +447,7 @@ impl AmqpBus {
                 let delivery = tokio::select! {
                     biased;
                     _ = stop.changed() => {
-                        let _ = ch.close(200, "stopping".into()).await;
+                        let _ = tokio::time::timeout(CLOSE_STEP_TIMEOUT, ch.close(200, "stopping".into())).await;
                         return;
                     }
                     d = consumer.next() => d,
@@ -475,6 +512,25 @@ impl AmqpBus {
                 }
             }
             self.invalidate(link.generation).await;
+        }
+    }
+}
+
+/// How long one step of [`AmqpBus::close`] may take before it is abandoned.
+pub const CLOSE_STEP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long opening a connection (TCP, TLS, AMQP handshake) may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `Connection::close`, abandoned after [`CLOSE_STEP_TIMEOUT`] (see [`AmqpBus::close`]).
+async fn close_connection(conn: &Connection, why: &str) {
+    match tokio::time::timeout(CLOSE_STEP_TIMEOUT, conn.close(200, why.into())).await {
+        Ok(_) => {}
+        Err(_) => {
+            tracing::debug!(
+                event = "bus_close_abandoned",
+                "the broker's close-ok did not come within {CLOSE_STEP_TIMEOUT:?}; leaving the connection"
+            );
         }
     }
 }
@@ -699,7 +755,7 @@ impl Bus for AmqpBus {
                 .await
                 .map_err(connect_err)?;
         }
-        let _ = ch.close(200, "done".into()).await;
+        let _ = tokio::time::timeout(CLOSE_STEP_TIMEOUT, ch.close(200, "done".into())).await;
         Ok(out)
     }
 }

@@ -247,6 +247,9 @@ fn unreachable_metrics(e: prometheus::Error) -> BusMetrics {
     panic!("static bus metric definitions are invalid: {e}")
 }
 
+/// How long [`Server::stop`] waits for the message being handled to finish.
+pub const SERVER_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A running consumer of one service queue.
 pub struct Server {
     stop: watch::Sender<bool>,
@@ -261,8 +264,26 @@ impl Server {
     /// Stops consuming. A message being handled finishes first; unacked ones go
     /// back to the queue.
     pub async fn stop(self) {
+        self.stop_within(SERVER_STOP_TIMEOUT).await;
+    }
+
+    /// Like [`stop`](Self::stop), but gives up waiting after `limit` and aborts the
+    /// task (a handler stuck on IO, a channel close the broker never confirms).
+    /// Returns whether the task finished on its own.
+    pub async fn stop_within(self, limit: std::time::Duration) -> bool {
         let _ = self.stop.send(true);
-        let _ = self.task.await;
+        let mut task = self.task;
+        match tokio::time::timeout(limit, &mut task).await {
+            Ok(_) => true,
+            Err(_) => {
+                tracing::warn!(
+                    event = "server_stop_abandoned",
+                    "a consumer did not stop within {limit:?}; aborting it"
+                );
+                task.abort();
+                false
+            }
+        }
     }
 
     pub fn is_finished(&self) -> bool {
@@ -424,5 +445,48 @@ where
 {
     async fn handle(&self, msg: Incoming) -> Result<Value, ReplyError> {
         (self.0)(msg).await
+    }
+}
+
+#[cfg(test)]
+mod server_stop_tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn server(obeys: bool) -> Server {
+        let (tx, mut rx) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            if obeys {
+                let _ = rx.changed().await;
+            } else {
+                // A consumer stuck on a close the broker never confirms.
+                std::future::pending::<()>().await;
+            }
+        });
+        Server::new(tx, task)
+    }
+
+    #[tokio::test]
+    async fn a_consumer_that_stops_is_waited_for() {
+        let finished = tokio::time::timeout(
+            Duration::from_secs(10),
+            server(true).stop_within(Duration::from_secs(5)),
+        )
+        .await
+        .expect("stop_within returns");
+        assert!(finished);
+    }
+
+    #[tokio::test]
+    async fn a_stuck_consumer_is_abandoned_at_the_limit() {
+        let t = Instant::now();
+        let finished = tokio::time::timeout(
+            Duration::from_secs(5),
+            server(false).stop_within(Duration::from_millis(200)),
+        )
+        .await
+        .expect("stop_within returns at its limit, not never");
+        assert!(!finished);
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     }
 }
