@@ -1,4 +1,4 @@
-//! The local driver: a worker is an OS process on this machine.
+//! The local driver: a worker is an OS process group on this machine.
 //!
 //! # Lifecycle
 //!
@@ -9,23 +9,66 @@
 //! spawn returns, so the node goes `REQUESTED → RUNNING` at once (no PENDING, no
 //! STARTED: there is nothing to wait for; the heartbeat agent tells the rest).
 //!
-//! The node's `iaas_id` is the PID; its *incarnation* is the process start time (field 22
-//! of `/proc/<pid>/stat`). Both must match before the driver signals or adopts a process,
-//! so a recycled PID is never mistaken for a worker.
+//! The node's `iaas_id` is the PID of the spawned process, which is also its process
+//! group id (pgid); its *incarnation* is the process start time (field 22 of
+//! `/proc/<pid>/stat`). Both must match before the driver signals or adopts a live
+//! leader, so a recycled PID is never mistaken for a worker.
 //!
-//! * Exit of a child: noticed at once (tokio's child wait, driven by SIGCHLD) and reported
-//!   as [`DriverEvent::Exited`] with the exit code or signal. What is left of its process
-//!   group is killed.
-//! * Terminate: SIGTERM to the process group, SIGKILL after the grace
-//!   (`terminate_grace_secs`, default 5 s) if the leader is still there.
+//! # A worker is its whole process group
+//!
+//! The spawned process (usually `epu-agent`) is only the group *leader*; the real
+//! workload (`sh -c …`) is its child, in the same group. When the leader dies on its own
+//! (SIGKILL, OOM, a crash) its children are reparented to init but stay in the group, so
+//! the driver treats the group, not the leader, as the instance:
+//!
+//! * Listing ([`scan_groups`], [`scan_workers`]): every live (non-zombie) process whose
+//!   environment has `EPU_RUN=<run>` and an `EPU_NODE_ID` — the environment is the local
+//!   driver's "run tag" — grouped by its process group id (field 5 of
+//!   `/proc/<pid>/stat`). One [`ListedInstance`] per group: `iaas_id` = pgid; `Running`
+//!   with the leader's start time as incarnation while the leader lives; `Stopping` with
+//!   no incarnation when the group is *leaderless* (it exists and must be terminated).
+//!   A group whose leader is alive but does not carry the run is not a worker of the run
+//!   (somebody else's process group that one of our processes joined) and is not listed.
+//!   `describe_iaas` and the reconcile therefore count groups, leaderless ones included:
+//!   a leaderless group of a RUNNING node fails it (RUNNING_FAILED: the controller
+//!   destroys it), one of a finished node (FAILED, TERMINATED) or of a TERMINATING node
+//!   is terminated again, one of a node the store does not know is a zombie and is
+//!   terminated. A repeated launch (same token, after a crash) adopts the groups that
+//!   carry its node ids instead of spawning them again; a leaderless one is killed and
+//!   its node reported exited.
+//! * Exit of a child leader: noticed at once (tokio's child wait, driven by SIGCHLD) and
+//!   reported as [`DriverEvent::Exited`] with the exit code or signal; what is left of
+//!   its group is SIGKILLed.
+//! * Terminate: if a live member of the group carries the run, SIGTERM to the group, and
+//!   SIGKILL to the group after the grace (`terminate_grace_secs`, default 5 s) if *any*
+//!   member is still alive. `Gone` only when no member lives.
 //! * After a provisioner restart: [`IaasDriver::adopt`] takes the workers the store knows;
-//!   live ones (PID and start time match) are watched by polling `/proc` every
-//!   `poll_interval_secs` (they are not our children, so there is no exit code), dead
-//!   ones are reported at once.
-//! * Listing: every process-group leader whose environment has `EPU_RUN=<run>` and an
-//!   `EPU_NODE_ID` — the environment is the local driver's "run tag". A repeated launch
-//!   (same token, after a crash) adopts the processes that carry its node ids instead of
-//!   spawning them again.
+//!   live leaders (PID and start time match) are watched by polling `/proc` every
+//!   `poll_interval_secs` (they are not our children, so there is no exit code). When a
+//!   watched leader is found dead, or is already dead at adoption, the rest of its group
+//!   is SIGKILLed (if members carrying the run remain) and the node reported exited.
+//! * Teardown without a provisioner: [`kill_run_groups`] signals every group of a run
+//!   from `/proc` alone, for `epumgmt killrun`.
+//!
+//! ## Why `killpg(pgid)` of a leaderless group is safe
+//!
+//! A PID number is never handed out while it is still in use as some process's process
+//! group id (or session id): Linux frees a number only when no task uses it any more as
+//! its PID, thread-group id, process-group id or session id (`free_pid` runs from
+//! `__change_pid` once `pid_has_task` is false for every type), and the leader's number
+//! is the group's id for as long as the group has members. So while a group has a live
+//! member that carries our run, its pgid still names the group our worker's leader
+//! created, no new process can have been given that number, and `killpg(pgid)` reaches
+//! that group only. Once the group is empty the number may be reused; a new process with it is then
+//! either a group leader that does not carry the run (not listed, never signalled) or a
+//! new worker of the run whose start time differs from the recorded incarnation (a live
+//! leader is only signalled when the incarnation matches). The one window left is a scan
+//! followed by a signal a few microseconds later, during which the group would have to
+//! empty *and* the PID space wrap around; the driver accepts it. Members that rewrote
+//! their own environment (`env -i …`) do not count as carrying the run; a group made
+//! only of those, with its leader dead, is left alone except by the grace-time SIGKILL
+//! of a group the driver has just SIGTERMed (which only checks that the group has not
+//! been emptied and re-created in between).
 //!
 //! # What a worker gets
 //!
@@ -49,14 +92,14 @@
 //! `bus.amqp_url`, `heartbeat.interval_secs`. Launch variables use the `EPUVAR_` prefix
 //! because they are not config keys.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, OpenOptions};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use epu_core::wire::RunName;
@@ -148,44 +191,288 @@ fn proc_environ(pid: i32) -> Option<HashMap<String, String>> {
     Some(out)
 }
 
-/// Every live process-group leader of `run` on this machine (see the module docs).
-pub fn scan_workers(run: &str) -> Vec<ListedInstance> {
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Some(st) = proc_stat(pid) else { continue };
-        if !st.is_alive() || st.pgrp != pid {
-            continue;
-        }
-        let Some(env) = proc_environ(pid) else {
-            continue;
-        };
-        if env.get("EPU_RUN").map(String::as_str) != Some(run) {
-            continue;
-        }
-        let Some(node_id) = env.get("EPU_NODE_ID") else {
-            continue;
-        };
-        out.push(ListedInstance {
-            iaas_id: pid.to_string(),
-            incarnation: Some(st.start_time.to_string()),
-            node_id: Some(node_id.clone()),
-            launch_id: env.get("EPU_LAUNCH_ID").cloned(),
-            state: InstanceState::Running,
+/// One local worker as `/proc` shows it: a process group with live members that carry
+/// the run (see the module docs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerGroup {
+    /// The process group id: the PID of the process the driver spawned, the node's
+    /// `iaas_id`.
+    pub pgid: i32,
+    /// `EPU_NODE_ID` of the leader while it lives, else of the lowest member.
+    pub node_id: String,
+    /// `EPU_LAUNCH_ID`, from the same process as `node_id`.
+    pub launch_id: Option<String>,
+    /// The leader (PID = pgid) is alive (not a zombie) and in the group.
+    pub leader_alive: bool,
+    /// The leader's start time (field 22 of its stat), while it is alive.
+    pub leader_start_time: Option<u64>,
+    /// The live members that carry the run, ascending (the leader among them while it
+    /// lives).
+    pub pids: Vec<i32>,
+}
+
+impl WorkerGroup {
+    /// The group as [`IaasDriver::list`] reports it.
+    pub fn listed(&self) -> ListedInstance {
+        ListedInstance {
+            iaas_id: self.pgid.to_string(),
+            incarnation: self
+                .leader_start_time
+                .filter(|_| self.leader_alive)
+                .map(|t| t.to_string()),
+            node_id: Some(self.node_id.clone()),
+            launch_id: self.launch_id.clone(),
+            state: if self.leader_alive {
+                InstanceState::Running
+            } else {
+                InstanceState::Stopping
+            },
             addresses: Vec::new(),
             failure: None,
+        }
+    }
+}
+
+/// One process as the scan read it: its stat and its `EPU_*` variables.
+#[derive(Clone, Debug, Default)]
+struct ProcInfo {
+    pid: i32,
+    stat: Option<ProcStat>,
+    env: HashMap<String, String>,
+}
+
+/// Whether a process is a live member of a worker of `run` (and of `run_dir`, if given).
+fn carries_run(p: &ProcInfo, run: &str, run_dir: Option<&Path>) -> bool {
+    p.stat.is_some_and(|st| st.is_alive())
+        && p.env.get("EPU_RUN").map(String::as_str) == Some(run)
+        && p.env.contains_key("EPU_NODE_ID")
+        && run_dir.is_none_or(|d| p.env.get("EPU_RUN_DIR").is_some_and(|v| Path::new(v) == d))
+}
+
+/// The pure half of [`scan_groups`]: the processes that carry the run, grouped by their
+/// process group, ascending by pgid.
+fn group_procs(run: &str, run_dir: Option<&Path>, procs: &[ProcInfo]) -> Vec<WorkerGroup> {
+    let by_pid: HashMap<i32, &ProcInfo> = procs.iter().map(|p| (p.pid, p)).collect();
+    let mut groups: BTreeMap<i32, Vec<&ProcInfo>> = BTreeMap::new();
+    for p in procs {
+        let Some(st) = p.stat else { continue };
+        // pgid 0 is the kernel's; 1 is init's. Neither is ever a worker's.
+        if st.pgrp > 1 && carries_run(p, run, run_dir) {
+            groups.entry(st.pgrp).or_default().push(p);
+        }
+    }
+    let mut out = Vec::with_capacity(groups.len());
+    for (pgid, mut members) in groups {
+        members.sort_by_key(|p| p.pid);
+        let leader = by_pid
+            .get(&pgid)
+            .copied()
+            .filter(|l| l.stat.is_some_and(|st| st.is_alive() && st.pgrp == pgid));
+        let named = match leader {
+            Some(l) if carries_run(l, run, run_dir) => l,
+            // A live leader that is not a worker of the run: not ours to list or signal.
+            Some(_) => continue,
+            None => members[0],
+        };
+        out.push(WorkerGroup {
+            pgid,
+            node_id: named.env.get("EPU_NODE_ID").cloned().unwrap_or_default(),
+            launch_id: named.env.get("EPU_LAUNCH_ID").cloned(),
+            leader_alive: leader.is_some(),
+            leader_start_time: leader.and_then(|l| l.stat).map(|st| st.start_time),
+            pids: members.iter().map(|p| p.pid).collect(),
         });
     }
     out
+}
+
+/// The numeric entries of `/proc`.
+fn proc_pids() -> Vec<i32> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .collect()
+}
+
+/// Every live process with its stat and, for possible workers, its environment.
+fn read_procs() -> Vec<ProcInfo> {
+    proc_pids()
+        .into_iter()
+        .filter_map(|pid| {
+            let st = proc_stat(pid)?;
+            let env = if st.is_alive() && st.pgrp > 1 {
+                proc_environ(pid).unwrap_or_default()
+            } else {
+                HashMap::new()
+            };
+            Some(ProcInfo {
+                pid,
+                stat: Some(st),
+                env,
+            })
+        })
+        .collect()
+}
+
+/// Every worker group of `run` on this machine, ascending by pgid: the live processes
+/// whose environment has `EPU_RUN=<run>` and an `EPU_NODE_ID` (and, with `run_dir`,
+/// `EPU_RUN_DIR=<run_dir>`), grouped by process group. Pure `/proc`: needs no driver,
+/// store or runtime.
+pub fn scan_groups(run: &str, run_dir: Option<&Path>) -> Vec<WorkerGroup> {
+    group_procs(run, run_dir, &read_procs())
+}
+
+/// Every worker group of `run` as [`IaasDriver::list`] reports it (see
+/// [`WorkerGroup::listed`]): one instance per process group, leaderless ones as
+/// `Stopping`.
+pub fn scan_workers(run: &str) -> Vec<ListedInstance> {
+    scan_groups(run, None)
+        .iter()
+        .map(WorkerGroup::listed)
+        .collect()
+}
+
+/// The live processes in process group `pgid`, whatever their environment.
+fn live_members(pgid: i32) -> Vec<i32> {
+    proc_pids()
+        .into_iter()
+        .filter(|pid| proc_stat(*pid).is_some_and(|st| st.is_alive() && st.pgrp == pgid))
+        .collect()
+}
+
+/// Whether the group the driver signalled (with its leader's start time then, `None` if
+/// it was leaderless) still has a live member. A live leader with another start time
+/// means ours emptied and the number was reused: not there.
+fn group_still_there(pgid: i32, leader_start: Option<u64>) -> bool {
+    if let Some(st) = proc_stat(pgid).filter(|st| st.is_alive() && st.pgrp == pgid) {
+        return leader_start == Some(st.start_time);
+    }
+    !live_members(pgid).is_empty()
+}
+
+/// SIGKILLs what is left of each group in `pgids` whose leader is dead, where members
+/// carrying the run remain. Returns, per group, how many such members there were (0: not
+/// signalled).
+fn kill_remains(run: &str, pgids: &[i32]) -> Vec<(i32, usize)> {
+    let groups: HashMap<i32, WorkerGroup> = scan_groups(run, None)
+        .into_iter()
+        .map(|g| (g.pgid, g))
+        .collect();
+    pgids
+        .iter()
+        .map(|pgid| match groups.get(pgid) {
+            Some(g) if !g.leader_alive => {
+                tracing::info!(pgid, pids = ?g.pids, "the worker's leader is dead; killing the rest of its process group");
+                signal_group(*pgid, Signal::SIGKILL);
+                (*pgid, g.pids.len())
+            }
+            _ => (*pgid, 0),
+        })
+        .collect()
+}
+
+/// Whether `terminate` has something to signal for the instance `pgid` (with the
+/// recorded leader start time `incarnation`): `Some(leader start)` when the leader is
+/// alive with that start time (or none was recorded), `Some(None)` when the leader is
+/// dead but members carrying the run remain (a leaderless group), `None` when nothing of
+/// it is left (or the number now belongs to another process).
+fn terminate_target(run: &str, pgid: i32, incarnation: Option<&str>) -> Option<Option<u64>> {
+    if let Some(st) = proc_stat(pgid).filter(|st| st.is_alive()) {
+        let ours = incarnation.is_none_or(|t| t == st.start_time.to_string());
+        return (ours && st.pgrp == pgid).then_some(Some(st.start_time));
+    }
+    scan_groups(run, None)
+        .iter()
+        .any(|g| g.pgid == pgid && !g.leader_alive)
+        .then_some(None)
+}
+
+fn remains_note(killed: usize) -> String {
+    if killed == 0 {
+        String::new()
+    } else {
+        format!("; {killed} leftover process(es) of its group killed")
+    }
+}
+
+/// How often [`kill_run_groups`] looks at `/proc` again.
+const RUN_KILL_POLL: Duration = Duration::from_millis(50);
+
+/// The teardown of [`kill_run_groups`], one look at `/proc` per step.
+struct RunKill<'a> {
+    run: &'a str,
+    run_dir: Option<&'a Path>,
+    kill_at: Instant,
+    give_up_at: Instant,
+    termed: HashSet<i32>,
+}
+
+impl<'a> RunKill<'a> {
+    fn new(run: &'a str, run_dir: Option<&'a Path>, grace: Duration, deadline: Duration) -> Self {
+        let now = Instant::now();
+        RunKill {
+            run,
+            run_dir,
+            kill_at: now + grace.min(deadline),
+            give_up_at: now + deadline,
+            termed: HashSet::new(),
+        }
+    }
+
+    /// `Ok(left)` when done (empty: clean), `Err(wait)` to look again after `wait`.
+    fn step(&mut self) -> Result<Vec<WorkerGroup>, Duration> {
+        let groups = scan_groups(self.run, self.run_dir);
+        if groups.is_empty() {
+            return Ok(groups);
+        }
+        let now = Instant::now();
+        if now >= self.kill_at {
+            for g in &groups {
+                signal_group(g.pgid, Signal::SIGKILL);
+            }
+        } else {
+            for g in &groups {
+                if self.termed.insert(g.pgid) {
+                    signal_group(g.pgid, Signal::SIGTERM);
+                }
+            }
+        }
+        if now >= self.give_up_at {
+            return Ok(groups);
+        }
+        let next = if now < self.kill_at {
+            self.kill_at
+        } else {
+            self.give_up_at
+        };
+        Err(next.saturating_duration_since(now).min(RUN_KILL_POLL))
+    }
+}
+
+/// Kills every worker group of `run` (and `run_dir`, if given) from `/proc` alone, for
+/// the operator's teardown when the provisioner may be dead: SIGTERM to every group,
+/// up to `grace` for them to exit, then SIGKILL to what remains (and to groups that
+/// appeared meanwhile), until none is left or `deadline` (counted from the call, the
+/// grace included) has passed. Returns the groups still alive at the end: empty means
+/// clean.
+///
+/// Independent of any provisioner state; needs a tokio runtime only for
+/// `tokio::time::sleep`.
+pub async fn kill_run_groups(
+    run: &str,
+    run_dir: Option<&Path>,
+    grace: Duration,
+    deadline: Duration,
+) -> Vec<WorkerGroup> {
+    let mut k = RunKill::new(run, run_dir, grace, deadline);
+    loop {
+        match k.step() {
+            Ok(left) => return left,
+            Err(wait) => tokio::time::sleep(wait).await,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -279,6 +566,7 @@ impl LocalDriver {
         let watched = self.watched.clone();
         let events = self.events.clone();
         let every = self.settings.poll_interval.max(Duration::from_millis(50));
+        let run = self.run.to_string();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -300,13 +588,25 @@ impl LocalDriver {
                         .filter_map(|pid| w.remove(&pid).map(|info| (pid, info)))
                         .collect()
                 };
+                if gone.is_empty() {
+                    continue;
+                }
+                let pgids: Vec<i32> = gone.iter().map(|(pid, _)| *pid).collect();
+                let run = run.clone();
+                let killed: HashMap<i32, usize> = tokio::task::spawn_blocking(move || {
+                    kill_remains(&run, &pgids).into_iter().collect()
+                })
+                .await
+                .unwrap_or_default();
                 for (pid, info) in gone {
+                    let note = remains_note(killed.get(&pid).copied().unwrap_or(0));
                     let _ = events.send(DriverEvent::Exited {
                         node_id: info.node_id,
                         iaas_id: pid.to_string(),
                         incarnation: Some(info.start_time),
-                        detail: "exited (not a child of this provisioner: exit status unknown)"
-                            .to_string(),
+                        detail: format!(
+                            "exited (not a child of this provisioner: exit status unknown){note}"
+                        ),
                     });
                 }
             }
@@ -449,18 +749,35 @@ impl IaasDriver for LocalDriver {
         self.ensure_watcher();
         let _one_at_a_time = self.launch_lock.lock().await;
         let run = req.run.to_string();
-        let existing = tokio::task::spawn_blocking(move || scan_workers(&run))
+        let existing = tokio::task::spawn_blocking(move || scan_groups(&run, None))
             .await
             .unwrap_or_default();
-        let mut by_node: HashMap<String, ListedInstance> = HashMap::new();
-        for inst in existing {
-            if let Some(n) = inst.node_id.clone() {
-                by_node.insert(n, inst);
-            }
+        let mut by_node: HashMap<String, WorkerGroup> = HashMap::new();
+        for g in existing {
+            by_node.insert(g.node_id.clone(), g);
         }
         let mut out = LaunchOutcome::default();
         for node_id in &req.node_ids {
-            if let Some(found) = by_node.remove(node_id) {
+            if let Some(group) = by_node.remove(node_id) {
+                if !group.leader_alive {
+                    // Launched before a crash, and its leader died since: what is left
+                    // of the group goes, and the node is a failed launch.
+                    signal_group(group.pgid, Signal::SIGKILL);
+                    tracing::info!(node_id = %node_id, pgid = group.pgid, pids = ?group.pids, "a worker launched before the crash lost its leader; killed the rest of its group");
+                    out.failed.push((
+                        node_id.clone(),
+                        IaasError::new(
+                            IaasErrorKind::Other,
+                            format!(
+                                "the worker launched before the provisioner restarted has died (process group {} had lost its leader; {} leftover process(es) killed)",
+                                group.pgid,
+                                group.pids.len()
+                            ),
+                        ),
+                    ));
+                    continue;
+                }
+                let found = group.listed();
                 // Launched before a crash: adopt it, launch nothing.
                 let start = found.incarnation.clone().unwrap_or_default();
                 if let Ok(pid) = found.iaas_id.parse::<i32>() {
@@ -494,17 +811,31 @@ impl IaasDriver for LocalDriver {
                 out.push(TerminateOutcome::Gone);
                 continue;
             };
-            if pid <= 1 || !is_alive(pid, r.incarnation.as_deref()) {
+            if pid <= 1 {
                 out.push(TerminateOutcome::Gone);
                 continue;
             }
+            let run = self.run.to_string();
+            let incarnation = r.incarnation.clone();
+            let target = tokio::task::spawn_blocking(move || {
+                terminate_target(&run, pid, incarnation.as_deref())
+            })
+            .await
+            .unwrap_or(None);
+            let Some(leader_start) = target else {
+                out.push(TerminateOutcome::Gone);
+                continue;
+            };
             signal_group(pid, Signal::SIGTERM);
             let grace = self.settings.terminate_grace;
-            let start = r.incarnation.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(grace).await;
-                if is_alive(pid, start.as_deref()) {
-                    tracing::info!(pid, "worker still there after the grace; SIGKILL");
+                let there =
+                    tokio::task::spawn_blocking(move || group_still_there(pid, leader_start))
+                        .await
+                        .unwrap_or(true);
+                if there {
+                    tracing::info!(pid, "worker group still there after the grace; SIGKILL");
                     signal_group(pid, Signal::SIGKILL);
                 }
             });
@@ -535,12 +866,20 @@ impl IaasDriver for LocalDriver {
                 self.adopt_one(pid, &r.node_id, &start);
                 tracing::info!(node_id = %r.node_id, pid, "re-adopted a live worker");
             } else {
+                let run = self.run.to_string();
+                let killed = tokio::task::spawn_blocking(move || kill_remains(&run, &[pid]))
+                    .await
+                    .ok()
+                    .and_then(|v| v.first().map(|(_, n)| *n))
+                    .unwrap_or(0);
                 let _ = self.events.send(DriverEvent::Exited {
                     node_id: r.node_id.clone(),
                     iaas_id: r.iaas_id.clone(),
                     incarnation: r.incarnation.clone(),
-                    detail: "the worker process is gone (it ended while the provisioner was down)"
-                        .to_string(),
+                    detail: format!(
+                        "the worker process is gone (it ended while the provisioner was down){}",
+                        remains_note(killed)
+                    ),
                 });
             }
         }
@@ -574,5 +913,158 @@ mod tests {
         let st = proc_stat(me).expect("own stat");
         assert!(is_alive(me, Some(&st.start_time.to_string())));
         assert!(!is_alive(me, Some("1")));
+    }
+
+    /// A process for [`group_procs`]: pid, state, pgrp, start time, and its `EPU_*`
+    /// environment (`run`, `run_dir`, `node`; `None` leaves a variable out).
+    fn p(
+        pid: i32,
+        state: char,
+        pgrp: i32,
+        run: Option<&str>,
+        run_dir: Option<&str>,
+        node: Option<&str>,
+    ) -> ProcInfo {
+        let mut env = HashMap::new();
+        for (k, v) in [
+            ("EPU_RUN", run),
+            ("EPU_RUN_DIR", run_dir),
+            ("EPU_NODE_ID", node),
+        ] {
+            if let Some(v) = v {
+                env.insert(k.to_string(), v.to_string());
+            }
+        }
+        ProcInfo {
+            pid,
+            stat: Some(ProcStat {
+                state,
+                pgrp,
+                start_time: 1000 + pid as u64,
+            }),
+            env,
+        }
+    }
+
+    #[test]
+    fn processes_are_grouped_into_workers_by_process_group() {
+        let r = Some("r1");
+        let d = Some("/runs/r1");
+        struct Case {
+            what: &'static str,
+            procs: Vec<ProcInfo>,
+            run_dir: Option<&'static str>,
+            /// (pgid, node_id, leader_alive, pids)
+            want: Vec<(i32, &'static str, bool, Vec<i32>)>,
+        }
+        let cases = vec![
+            Case {
+                what: "a live leader and its workload child",
+                procs: vec![
+                    p(10, 'S', 10, r, d, Some("n1")),
+                    p(11, 'S', 10, r, d, Some("n1")),
+                ],
+                run_dir: None,
+                want: vec![(10, "n1", true, vec![10, 11])],
+            },
+            Case {
+                what: "the leader died (gone): its child is a leaderless group",
+                procs: vec![p(11, 'S', 10, r, d, Some("n1"))],
+                run_dir: None,
+                want: vec![(10, "n1", false, vec![11])],
+            },
+            Case {
+                what: "a zombie leader does not count as alive, nor as a member",
+                procs: vec![
+                    p(10, 'Z', 10, r, d, Some("n1")),
+                    p(11, 'R', 10, r, d, Some("n1")),
+                ],
+                run_dir: None,
+                want: vec![(10, "n1", false, vec![11])],
+            },
+            Case {
+                what: "zombie members are left out; a group of zombies is no worker",
+                procs: vec![
+                    p(20, 'Z', 20, r, d, Some("n2")),
+                    p(21, 'Z', 20, r, d, Some("n2")),
+                ],
+                run_dir: None,
+                want: vec![],
+            },
+            Case {
+                what: "a live leader that is not of the run: the group is not ours",
+                procs: vec![
+                    p(30, 'S', 30, None, None, None),
+                    p(31, 'S', 30, r, d, Some("n3")),
+                ],
+                run_dir: None,
+                want: vec![],
+            },
+            Case {
+                what: "another run's workers are not listed",
+                procs: vec![p(40, 'S', 40, Some("r2"), d, Some("n4"))],
+                run_dir: None,
+                want: vec![],
+            },
+            Case {
+                what: "without EPU_NODE_ID a process is no worker",
+                procs: vec![p(50, 'S', 50, r, d, None)],
+                run_dir: None,
+                want: vec![],
+            },
+            Case {
+                what: "the run dir filter: same run name, another directory",
+                procs: vec![
+                    p(60, 'S', 60, r, Some("/elsewhere"), Some("n6")),
+                    p(70, 'S', 70, r, d, Some("n7")),
+                ],
+                run_dir: Some("/runs/r1"),
+                want: vec![(70, "n7", true, vec![70])],
+            },
+            Case {
+                what: "init's and the kernel's groups are never a worker's",
+                procs: vec![
+                    p(80, 'S', 1, r, d, Some("n8")),
+                    p(81, 'S', 0, r, d, Some("n8")),
+                ],
+                run_dir: None,
+                want: vec![],
+            },
+            Case {
+                what: "several groups come out ascending by pgid",
+                procs: vec![
+                    p(92, 'S', 92, r, d, Some("b")),
+                    p(90, 'S', 90, r, d, Some("a")),
+                ],
+                run_dir: None,
+                want: vec![(90, "a", true, vec![90]), (92, "b", true, vec![92])],
+            },
+        ];
+        for c in cases {
+            let got = group_procs("r1", c.run_dir.map(Path::new), &c.procs);
+            let got: Vec<(i32, String, bool, Vec<i32>)> = got
+                .into_iter()
+                .map(|g| (g.pgid, g.node_id, g.leader_alive, g.pids))
+                .collect();
+            let want: Vec<(i32, String, bool, Vec<i32>)> = c
+                .want
+                .into_iter()
+                .map(|(a, b, l, p)| (a, b.to_string(), l, p))
+                .collect();
+            assert_eq!(got, want, "{}", c.what);
+        }
+    }
+
+    #[test]
+    fn a_leaderless_group_is_listed_stopping_without_an_incarnation() {
+        let g = group_procs("r1", None, &[p(11, 'S', 10, Some("r1"), None, Some("n1"))]);
+        let l = g[0].listed();
+        assert_eq!(l.state, InstanceState::Stopping);
+        assert_eq!(l.incarnation, None);
+        assert_eq!(l.iaas_id, "10");
+        let g = group_procs("r1", None, &[p(10, 'S', 10, Some("r1"), None, Some("n1"))]);
+        let l = g[0].listed();
+        assert_eq!(l.state, InstanceState::Running);
+        assert_eq!(l.incarnation.as_deref(), Some("1010"));
     }
 }
