@@ -41,7 +41,9 @@ use tokio::sync::Mutex;
 pub use crate::domain::{DecisionRecord, UNIQUE_KEY_VAR};
 use crate::domain::{Domain, DomainHandle, DomainMsg, Shared, DOMAINS_TREE};
 use crate::metrics::ControllerMetrics;
-pub use crate::policy::{load_policies, load_policy, DomainPolicy, PolicyError};
+pub use crate::policy::{
+    expand_placeholders, load_policies, load_policy, DomainPolicy, PolicyError,
+};
 
 /// The controller's config file (`epu-controller --config FILE`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -312,8 +314,10 @@ impl Controller {
         })
     }
 
-    /// Adds a domain at runtime (validated, persisted, then started).
+    /// Adds a domain at runtime (`{run}` and `{domain}` filled in, validated,
+    /// persisted, then started).
     pub async fn add_domain(&self, policy: DomainPolicy) -> Result<Value, ReplyError> {
+        let policy = expand_placeholders(policy, self.shared.run.as_str());
         let engine = policy
             .create_engine(&self.registry, "add_domain")
             .and_then(|e| policy.validate(&self.registry, "add_domain").map(|_| e))

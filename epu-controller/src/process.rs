@@ -29,7 +29,7 @@ pub async fn main_with(registry: Registry) -> anyhow::Result<()> {
     let args = Args::parse();
     let env: HashMap<String, String> = std::env::vars().collect();
     let cfg: ControllerConfig = epu_core::config::load(Some(&args.config), &env)?;
-    let policies = load_policies(&cfg.policies, &registry)?;
+    let policies = load_policies(&cfg.policies, &registry, cfg.run.as_str())?;
     let basics = ServiceBasics::start(
         "epu-controller",
         &cfg.run,

@@ -324,10 +324,22 @@ async fn domains_are_added_listed_and_removed_at_runtime() {
     let (_ctl, server) = start(&bus, Arc::new(MemStore::new()), BTreeMap::new()).await;
     let cli = bus.view(test_options("cli"));
     let t = Duration::from_secs(10);
-    let add = Envelope::with_body(&run, Op::AddDomain, "cli", &npreserving(2)).expect("enc");
+    let mut policy = npreserving(2);
+    policy.sensors.queue = Some("jobs.{run}.{domain}".into());
+    let add = Envelope::with_body(&run, Op::AddDomain, "cli", &policy).expect("enc");
     cli.request(Service::Controller, &add, t)
         .await
         .expect("added");
+    let describe = Envelope::new(&run, Op::DescribeDomain, "cli", json!({"domain": "web"}));
+    let described = cli
+        .request(Service::Controller, &describe, t)
+        .await
+        .expect("describe");
+    assert_eq!(
+        described["policy"]["sensors"]["queue"],
+        json!(format!("jobs.{}.web", run.as_str())),
+        "add_domain fills in {{run}} and {{domain}}"
+    );
     let err = cli
         .request(Service::Controller, &add, t)
         .await
@@ -410,15 +422,24 @@ fn bad_policy_files_name_the_file_and_the_key() {
     ];
     for (file, text, key) in cases {
         let path = write(&dir, file, text);
-        let err = load_policy(&path, &reg).expect_err(file).to_string();
+        let err = load_policy(&path, &reg, "r1").expect_err(file).to_string();
         assert!(err.contains(file), "{file}: names the file: {err}");
         assert!(err.contains(key), "{file}: names {key}: {err}");
     }
     let ok = write(
         &dir,
         "ok.toml",
-        "name = \"web\"\nengine = \"npreserving\"\n[engine_conf]\npreserve_n = 2\n[deployable]\ndriver = \"local\"\ncommand = \"sleep\"\nargs = [\"100\"]\n",
+        "name = \"web\"\nengine = \"npreserving\"\n[engine_conf]\npreserve_n = 2\n[deployable]\ndriver = \"local\"\ncommand = \"sleep\"\nargs = [\"100\", \"{run}/{domain}\"]\n[sensors]\nqueue = \"jobs.{run}\"\n",
     );
-    let p = load_policy(&ok, &reg).expect("valid");
+    let p = load_policy(&ok, &reg, "r1").expect("valid");
     assert_eq!(p.name, "web");
+    assert_eq!(
+        p.sensors.queue.as_deref(),
+        Some("jobs.r1"),
+        "{{run}} filled in"
+    );
+    let epu_model::messages::Deployable::Local(l) = &p.deployable else {
+        panic!("a local deployable: {p:?}")
+    };
+    assert_eq!(l.args, ["100", "r1/web"]);
 }

@@ -1,45 +1,57 @@
-//! queue-workers: 300 jobs grow the pool (never above 10); drained, it shrinks
-//! back to 1 after the cooldown; killrun leaves nothing.
+//! queue-workers: the shipped plan, unchanged, under a random run name. 300 jobs on
+//! the run's queue `jobs.<run>` (the plan says `jobs.{run}`) grow the pool (never
+//! above 10); drained, it shrinks back to 1 after the cooldown; killrun leaves
+//! nothing.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{bin, live_workers, repo, Cli};
+use common::{bin, live_workers, output_within, Cli};
+
+/// Deletes the run's work queue (durable, so it would outlive the test), whatever
+/// the test's outcome; bounded, and never panics.
+struct QueueCleanup(String);
+
+impl Drop for QueueCleanup {
+    fn drop(&mut self) {
+        let mut c = std::process::Command::new("rabbitmqctl");
+        c.args(["-q", "delete_queue", &self.0]);
+        let _ = common::run_with_deadline(&mut c, Duration::from_secs(30));
+    }
+}
 
 #[test]
 fn the_pool_follows_the_backlog() {
+    // Declared before `cli`, so dropped after it: the queue goes once the run's
+    // workers (which would declare it again) are gone.
+    let _cleanup: QueueCleanup;
     let cli = Cli::new("qw");
-    // The example's domain watches jobs.queue-workers; give this run its own copy.
-    let dir = tempfile::tempdir().expect("tmp");
+    // The plan's policy names its queue `jobs.{run}`: this run's is jobs.<run>.
     let queue = format!("jobs.{}", cli.run);
-    let domain = std::fs::read_to_string(repo().join("examples/queue-workers/domain.toml"))
-        .expect("domain")
-        .replace(
-            "queue = \"jobs.queue-workers\"",
-            &format!("queue = \"{queue}\""),
-        );
-    std::fs::write(dir.path().join("domain.toml"), domain).expect("write");
-    let plan =
-        std::fs::read_to_string(repo().join("examples/queue-workers/plan.toml")).expect("plan");
-    let plan_path = dir.path().join("plan.toml");
-    std::fs::write(&plan_path, plan).expect("write");
-    let out = cli.ok(&[
-        "launch",
-        plan_path.to_str().expect("utf8"),
-        "--run",
-        &cli.run,
-    ]);
-    assert_eq!(out.trim(), cli.run);
+    _cleanup = QueueCleanup(queue.clone());
+    cli.launch("examples/queue-workers/plan.toml");
     common::wait_for("1 worker (min_instances)", 30, &cli, || {
         cli.running().len() == 1
     });
 
-    let produced = std::process::Command::new(bin("epu-queue-producer"))
-        .args(["--queue", &queue, "--count", "300", "--seconds", "1"])
-        .status()
-        .expect("producer");
-    assert!(produced.success());
+    let produced = output_within(
+        std::process::Command::new(bin("epu-queue-producer")).args([
+            "--queue",
+            &queue,
+            "--count",
+            "300",
+            "--seconds",
+            "1",
+        ]),
+        Duration::from_secs(60),
+    );
+    assert!(
+        produced.status.success(),
+        "the producer failed ({}): {}",
+        produced.status,
+        String::from_utf8_lossy(&produced.stderr)
+    );
 
     // Watch: the pool grows above 1, never above 10, until the queue is drained
     // and the pool is back at 1.
@@ -85,7 +97,4 @@ fn the_pool_follows_the_backlog() {
 
     cli.ok(&["killrun", "--run", &cli.run]);
     assert!(live_workers(&cli.run).is_empty());
-    let _ = std::process::Command::new("rabbitmqctl")
-        .args(["-q", "delete_queue", &queue])
-        .status();
 }
