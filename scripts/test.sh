@@ -2,7 +2,9 @@
 # Runs the whole test suite. Brings up what the tests need when it is not there:
 # RabbitMQ on 127.0.0.1:5672 (installed from Debian's packages if missing) and
 # moto's EC2 server (in a virtualenv) on a free port. Extra arguments go to
-# `cargo test` (for example: scripts/test.sh -p epu-core).
+# `cargo test --workspace --no-fail-fast` (for example: scripts/test.sh -- --nocapture).
+# Every test binary runs even when one fails; the summary at the end counts them all
+# (scripts/test-summary.awk) and the exit status is non-zero if anything failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -81,15 +83,20 @@ ensure_rabbitmq
 ensure_moto
 export AWS_EC2_METADATA_DISABLED=true
 
+# --no-fail-fast: one failing test binary does not hide the others. The log is
+# kept (and named) when anything failed.
 out="${TMPDIR:-/tmp}/epu-test-$$.log"
 set +e
-cargo test --workspace "$@" 2>&1 | tee "$out"
+cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$out"
 status=${PIPESTATUS[0]}
+# One summary over every test binary, after cargo's own per-binary lines.
+awk -f scripts/test-summary.awk "$out"
+summary=$?
 set -e
 
-# One summary over every test binary, after cargo's own per-binary lines.
-read -r passed failed < <(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } } END { print p + 0, f + 0 }' "$out")
-echo
-echo "summary: $passed passed, $failed failed"
+if [ "$status" -ne 0 ] || [ "$summary" -ne 0 ]; then
+  echo "the whole log: $out"
+  [ "$status" -ne 0 ] && exit "$status"
+  exit 1
+fi
 rm -f "$out"
-exit "$status"

@@ -42,6 +42,10 @@ impl Client {
             ),
             PlanTransport::Amqp => {
                 let url = rec.amqp_url.clone().unwrap_or_default();
+                crate::deadline::waiting_for(format!(
+                    "a connection to the run's broker at {}",
+                    epu_core::config::redact_url(&url)
+                ));
                 let b = AmqpBus::connect(&url, run.clone(), opts)
                     .await
                     .context("connecting to the run's broker")?;
@@ -65,6 +69,7 @@ impl Client {
     ) -> Result<R, ReplyError> {
         let env = Envelope::with_body(&self.run, op, "epumgmt", body)
             .map_err(|e| ReplyError::bad_request(e.to_string()))?;
+        crate::deadline::waiting_for(format!("the {to}'s answer to {op}"));
         let v: Value = self.bus.request(to, &env, self.timeout).await?;
         serde_json::from_value(v)
             .map_err(|e| ReplyError::internal(format!("unreadable answer from {to}: {e}")))
@@ -89,9 +94,17 @@ impl Client {
         })
     }
 
+    /// Closes the broker connection (bounded: see `AmqpBus::close`).
     pub async fn close(self) {
         if let Some(a) = self.amqp {
+            crate::deadline::waiting_for("the broker connection to close");
             a.close().await;
         }
+    }
+
+    /// Sets how long one request waits for its answer.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 }

@@ -15,41 +15,61 @@ use crate::rundir::{list_runs, pid_alive, user_error, RunRecord};
 /// Exit code: the service refused the request (e.g. a bad reconfigure).
 pub const EXIT_REFUSED: i32 = 4;
 
-/// Prints rows as an aligned table.
+/// Prints rows as an aligned table (see [`render_table`]).
 pub fn table(headers: &[&str], rows: &[Vec<String>]) {
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
-    for r in rows {
+    print!("{}", render_table(headers, rows));
+}
+
+/// Rows as an aligned table: a header line in capitals, then one line per row,
+/// every line (the last too) ending with a newline. A cell's own line breaks and
+/// tabs are shown as `\n`, `\r`, `\t` so that a row stays on one line; cells beyond
+/// the headers are dropped.
+pub fn render_table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let clean = |c: &str| -> String {
+        c.replace('\n', "\\n")
+            .replace('\r', "\\r")
+            .replace('\t', "\\t")
+    };
+    let head: Vec<String> = headers.iter().map(|h| h.to_uppercase()).collect();
+    let body: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().take(headers.len()).map(|c| clean(c)).collect())
+        .collect();
+    let mut widths: Vec<usize> = head.iter().map(|h| h.chars().count()).collect();
+    for r in &body {
         for (i, c) in r.iter().enumerate() {
-            if i < widths.len() {
-                widths[i] = widths[i].max(c.chars().count());
-            }
+            widths[i] = widths[i].max(c.chars().count());
         }
     }
-    let line = |cells: Vec<String>| {
-        let mut s = String::new();
+    let mut out = String::new();
+    for cells in std::iter::once(&head).chain(body.iter()) {
+        let mut line = String::new();
         for (i, c) in cells.iter().enumerate() {
             if i + 1 == cells.len() {
-                s.push_str(c);
+                line.push_str(c);
             } else {
-                s.push_str(&format!("{c:<w$}  ", w = widths[i]));
+                line.push_str(&format!("{c:<w$}  ", w = widths[i]));
             }
         }
-        println!("{}", s.trim_end());
-    };
-    line(headers.iter().map(|h| h.to_uppercase()).collect());
-    for r in rows {
-        line(r.clone());
+        out.push_str(line.trim_end());
+        out.push('\n');
     }
+    out
 }
 
 /// Prints JSON rows as a table: each column is (header, key in the row).
 fn table_of(rows: &[Value], columns: &[(&str, &str)]) {
+    print!("{}", render_table_of(rows, columns));
+}
+
+/// JSON rows as a table (see [`render_table`]); a missing or null key shows as `-`.
+fn render_table_of(rows: &[Value], columns: &[(&str, &str)]) -> String {
     let headers: Vec<&str> = columns.iter().map(|(h, _)| *h).collect();
     let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| columns.iter().map(|(_, k)| s(&r[*k])).collect())
         .collect();
-    table(&headers, &cells);
+    render_table(&headers, &cells)
 }
 
 fn s(v: &Value) -> String {
@@ -127,6 +147,7 @@ pub async fn status(rec: &RunRecord, as_json: bool) -> anyhow::Result<()> {
                 "transport": rec.transport,
                 "state": rec.state,
                 "up": rec.supervisor_alive(),
+                "supervisor_pid": rec.supervisor_pid,
                 "run_dir": rec.run_dir,
                 "services": services,
                 "domains": domains,
@@ -228,6 +249,7 @@ pub async fn node_rows(c: &Client, domain: Option<&str>) -> anyhow::Result<Vec<V
                 "launch_id": n.launch_id,
                 "driver": n.driver,
                 "reason": n.reason,
+                "reason_detail": n.reason_detail,
                 "since": n.since(),
             })
         })
@@ -471,7 +493,8 @@ pub async fn find_workers(rec: &RunRecord, as_json: bool) -> anyhow::Result<()> 
 }
 
 /// Builds a reconfigure request from `KEY=VALUE` words: `dry_run` and `paused`
-/// switch the domain; every other key goes to the engine.
+/// switch the domain; every other key goes to the engine, its value typed as a
+/// policy file would type it (see [`engine_value`]).
 pub fn reconfigure_request(
     domain: &str,
     assignments: &[String],
@@ -500,12 +523,34 @@ pub fn reconfigure_request(
             "paused" => req.paused = Some(as_bool()?),
             "" => anyhow::bail!("{a:?} has no key"),
             _ => {
-                req.engine_conf
-                    .insert(k.to_string(), Value::String(v.to_string()));
+                if v.is_empty() {
+                    anyhow::bail!(
+                        "{k} has no value: give {k}=VALUE (for an empty string, quote it: {k}='\"\"')"
+                    );
+                }
+                req.engine_conf.insert(k.to_string(), engine_value(v));
             }
         }
     }
     Ok(req)
+}
+
+/// An engine value as typed on the command line, read the way a policy TOML file
+/// reads it: `5` is the integer 5, `2.5` a float, `true` a boolean, `"5"` or `'5'`
+/// the string "5". Anything that is not a TOML scalar stays the string as typed
+/// (`jobs.x`, `lots`, `hello world`), and so do TOML's dates, arrays and tables and
+/// the floats JSON cannot carry (`inf`, `nan`).
+pub fn engine_value(v: &str) -> Value {
+    let as_typed = || Value::String(v.to_string());
+    match v.parse::<toml::Value>() {
+        Ok(toml::Value::Integer(i)) => json!(i),
+        Ok(toml::Value::Float(f)) => serde_json::Number::from_f64(f)
+            .map(Value::Number)
+            .unwrap_or_else(as_typed),
+        Ok(toml::Value::Boolean(b)) => json!(b),
+        Ok(toml::Value::String(s)) => Value::String(s),
+        _ => as_typed(),
+    }
 }
 
 pub async fn reconfigure(
@@ -593,10 +638,107 @@ mod tests {
     fn reconfigure_words_become_a_request() {
         let r =
             reconfigure_request("web", &["preserve_n=5".into(), "dry_run=yes".into()]).expect("ok");
-        assert_eq!(r.engine_conf.get("preserve_n"), Some(&json!("5")));
+        assert_eq!(r.engine_conf.get("preserve_n"), Some(&json!(5)));
         assert_eq!(r.dry_run, Some(true));
         assert!(reconfigure_request("web", &["preserve_n".into()]).is_err());
         assert!(reconfigure_request("web", &["paused=maybe".into()]).is_err());
+        assert!(reconfigure_request("web", &["=5".into()]).is_err());
         assert!(reconfigure_request("web", &[]).is_err());
+    }
+
+    #[test]
+    fn reconfigure_values_are_typed_as_in_a_policy_file() {
+        let table: &[(&str, Value)] = &[
+            ("5", json!(5)),
+            ("-3", json!(-3)),
+            ("1_000", json!(1000)),
+            ("2.5", json!(2.5)),
+            ("1e3", json!(1000.0)),
+            ("true", json!(true)),
+            ("false", json!(false)),
+            ("jobs.x", json!("jobs.x")),
+            ("\"5\"", json!("5")),
+            ("'true'", json!("true")),
+            ("\"\"", json!("")),
+            ("lots", json!("lots")),
+            ("hello world", json!("hello world")),
+            ("yes", json!("yes")),
+            ("\"unterminated", json!("\"unterminated")),
+            ("inf", json!("inf")),
+            ("nan", json!("nan")),
+            ("1979-05-27", json!("1979-05-27")),
+            ("[1, 2]", json!("[1, 2]")),
+            (
+                "amqp://guest@host/%2f?x=1",
+                json!("amqp://guest@host/%2f?x=1"),
+            ),
+        ];
+        for (typed, want) in table {
+            let r = reconfigure_request("web", &[format!("k={typed}")])
+                .unwrap_or_else(|e| panic!("k={typed}: {e}"));
+            assert_eq!(r.engine_conf.get("k"), Some(want), "k={typed}");
+        }
+        // Only the first `=` splits; spaces around the value are not part of it.
+        let r = reconfigure_request("web", &["k = a=b ".into()]).expect("ok");
+        assert_eq!(r.engine_conf.get("k"), Some(&json!("a=b")));
+    }
+
+    #[test]
+    fn an_empty_engine_value_is_refused_and_says_how_to_quote() {
+        let e = reconfigure_request("web", &["queue=".into()]).expect_err("refused");
+        let m = e.to_string();
+        assert!(m.contains("queue has no value"), "{m}");
+        assert!(m.contains(r#"queue='""'"#), "{m}");
+    }
+
+    #[test]
+    fn tables_end_with_a_newline() {
+        let t = render_table(
+            &["run", "state"],
+            &[
+                vec!["a".into(), "up".into()],
+                vec!["longer".into(), "down".into()],
+            ],
+        );
+        assert_eq!(t, "RUN     STATE\na       up\nlonger  down\n");
+        // No rows: the header line alone, still ending with a newline.
+        assert_eq!(render_table(&["run", "state"], &[]), "RUN  STATE\n");
+        // Empty last cells are trimmed, but the line still ends.
+        assert_eq!(
+            render_table(&["a", "b"], &[vec!["x".into(), String::new()]]),
+            "A  B\nx\n"
+        );
+    }
+
+    #[test]
+    fn a_cell_with_a_line_break_stays_on_its_row() {
+        let t = render_table(
+            &["id", "reason"],
+            &[vec!["n1".into(), "exit 1\nboom".into()]],
+        );
+        assert_eq!(t, "ID  REASON\nn1  exit 1\\nboom\n");
+        assert_eq!(t.lines().count(), 2);
+    }
+
+    #[test]
+    fn json_tables_end_with_a_newline() {
+        let rows = vec![
+            json!({"node_id": "n1", "state": "RUNNING", "iaas_id": "123"}),
+            json!({"node_id": "n2", "state": "PENDING", "iaas_id": null}),
+        ];
+        let t = render_table_of(
+            &rows,
+            &[
+                ("node_id", "node_id"),
+                ("state", "state"),
+                ("iaas_id", "iaas_id"),
+            ],
+        );
+        assert!(t.ends_with('\n'), "{t:?}");
+        assert_eq!(
+            t,
+            "NODE_ID  STATE    IAAS_ID\nn1       RUNNING  123\nn2       PENDING  -\n"
+        );
+        assert!(render_table_of(&[], &[("node_id", "node_id")]).ends_with('\n'));
     }
 }

@@ -19,12 +19,13 @@ use epu_core::wire::RunName;
 use serde_json::{json, Map, Value};
 
 use crate::plan::LaunchPlan;
-use crate::rundir::{RunRecord, RunState, ServiceRecord};
+use crate::rundir::{write_private, RunRecord, RunState, ServiceRecord};
 
-/// The aggregator's per-domain sensor settings, from the domains' policies.
-pub fn sensor_domains(plan: &LaunchPlan) -> anyhow::Result<Vec<Value>> {
+/// The aggregator's per-domain sensor settings, from the domains' policies as the
+/// run `run` sees them (`{run}` and `{domain}` filled in).
+pub fn sensor_domains(plan: &LaunchPlan, run: &str) -> anyhow::Result<Vec<Value>> {
     let registry = Registry::with_builtins();
-    let policies = load_policies(&plan.domains, &registry)?;
+    let policies = load_policies(&plan.domains, &registry, run)?;
     Ok(policies.values().map(sensor_domain).collect())
 }
 
@@ -45,19 +46,26 @@ fn sensor_domain(p: &DomainPolicy) -> Value {
 }
 
 /// A service's config: the plan's section with the run's own settings laid over.
-fn config_for<T: serde::de::DeserializeOwned>(
-    section: &Map<String, Value>,
-    fixed: Value,
-    what: &str,
-) -> anyhow::Result<T> {
+fn merged(section: &Map<String, Value>, fixed: Value) -> Value {
     let mut cfg = section.clone();
     if let Value::Object(f) = fixed {
         for (k, v) in f {
             cfg.entry(k).or_insert(v);
         }
     }
-    serde_json::from_value(Value::Object(cfg))
-        .with_context(|| format!("the plan's [{what}] section is not valid"))
+    Value::Object(cfg)
+}
+
+fn parse_config<T: serde::de::DeserializeOwned>(cfg: Value, what: &str) -> anyhow::Result<T> {
+    serde_json::from_value(cfg).with_context(|| format!("the plan's [{what}] section is not valid"))
+}
+
+fn config_for<T: serde::de::DeserializeOwned>(
+    section: &Map<String, Value>,
+    fixed: Value,
+    what: &str,
+) -> anyhow::Result<T> {
+    parse_config(merged(section, fixed), what)
 }
 
 fn open_store(dir: &Path, name: &str) -> anyhow::Result<Arc<SledStore>> {
@@ -102,8 +110,14 @@ pub async fn run_standalone(rec: &mut RunRecord, plan: &LaunchPlan) -> anyhow::R
     let mut pfixed = fixed.clone();
     pfixed["store"] = json!({"path": dir.join("stores").join("provisioner")});
     pfixed["run_dir"] = json!(dir);
-    let pcfg: provisioner::ProvisionerConfig =
-        config_for(&plan.provisioner, pfixed, "provisioner")?;
+    let praw = merged(&plan.provisioner, pfixed);
+    // Kept in the run directory, as in AMQP mode: `killrun` reads it to terminate
+    // the run's instances by their tag when this host is gone.
+    write_private(
+        &crate::teardown::provisioner_config_path(&dir),
+        serde_json::to_string_pretty(&praw)?.as_bytes(),
+    )?;
+    let pcfg: provisioner::ProvisionerConfig = parse_config(praw, "provisioner")?;
     let drivers = provisioner::drivers_from_config(&pcfg, clock.clone()).await?;
     let prov = provisioner::Provisioner::with_metrics(
         pcfg,
@@ -119,7 +133,7 @@ pub async fn run_standalone(rec: &mut RunRecord, plan: &LaunchPlan) -> anyhow::R
     let mut afixed = fixed.clone();
     afixed["store"] = json!({"path": dir.join("stores").join("sensor-aggregator")});
     if !plan.sensor_aggregator.contains_key("domains") {
-        afixed["domains"] = Value::Array(sensor_domains(plan)?);
+        afixed["domains"] = Value::Array(sensor_domains(plan, run.as_str())?);
     }
     let acfg: sensor_aggregator::AggregatorConfig =
         config_for(&plan.sensor_aggregator, afixed, "sensor_aggregator")?;
@@ -137,7 +151,7 @@ pub async fn run_standalone(rec: &mut RunRecord, plan: &LaunchPlan) -> anyhow::R
     cfixed["policies"] = json!(plan.domains);
     let ccfg: ControllerConfig = config_for(&plan.controller, cfixed, "controller")?;
     let registry = Registry::with_builtins();
-    let policies = load_policies(&ccfg.policies, &registry)?;
+    let policies = load_policies(&ccfg.policies, &registry, run.as_str())?;
     let (_controller, ctl_server) = Controller::start(
         run.clone(),
         Arc::new(bus.view(opts("epu-controller"))),

@@ -1,6 +1,7 @@
 //! The ec2 example against moto's EC2 server: killrun exits 0 and the IaaS, asked
 //! outside the project's code (boto3), lists no instance of the run that is not
-//! terminated.
+//! terminated — also when every process of the run was SIGKILLed first, so that
+//! only the run directory and the instances' `epu:run` tag are left to go by.
 
 mod common;
 
@@ -29,10 +30,11 @@ for r in ec2.describe_instances(Filters=[{"Name": "tag:epu:run", "Values": [sys.
     for i in r["Instances"]:
         print(i["State"]["Name"])
 "#;
-    let out = Command::new(python)
-        .args(["-c", script, &moto(), run])
-        .output()
-        .expect("python3 with boto3 (installed with moto)");
+    let out = common::run_with_deadline(
+        Command::new(python).args(["-c", script, &moto(), run]),
+        common::DEFAULT_LIMIT,
+    )
+    .unwrap_or_else(|e| panic!("python3 with boto3 (installed with moto): {e}"));
     assert!(
         out.status.success(),
         "boto3: {}",
@@ -44,26 +46,33 @@ for r in ec2.describe_instances(Filters=[{"Name": "tag:epu:run", "Values": [sys.
         .collect()
 }
 
-#[test]
-fn ec2_sleeper_on_moto_is_killed_to_the_last_instance() {
-    let url = moto();
-    let cli = Cli::new("ec2");
-    let plan = common::repo().join("examples/ec2/plan.toml");
-    let out = cli
-        .cmd(&["launch", plan.to_str().expect("utf8"), "--run", &cli.run])
-        .env("AWS_ENDPOINT_URL_EC2", &url)
+/// An `epumgmt` command with the AWS environment that points at moto.
+fn with_aws(cli: &Cli, args: &[&str]) -> Command {
+    let mut c = cli.cmd(args);
+    c.env("AWS_ENDPOINT_URL_EC2", moto())
         .env("AWS_ACCESS_KEY_ID", "testing")
         .env("AWS_SECRET_ACCESS_KEY", "testing")
         .env("AWS_REGION", "us-east-1")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .output()
-        .expect("launch");
+        .env("AWS_EC2_METADATA_DISABLED", "true");
+    c
+}
+
+/// Launches the ec2 example on moto and waits for its 3 instances.
+fn launch_three(cli: &Cli) {
+    let plan = common::repo().join("examples/ec2/plan.toml");
+    let out = cli.run_cmd(
+        &mut with_aws(
+            cli,
+            &["launch", plan.to_str().expect("utf8"), "--run", &cli.run],
+        ),
+        common::LONG_LIMIT,
+    );
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    wait_for("3 RUNNING instances", 60, &cli, || {
+    wait_for("3 RUNNING instances", 60, cli, || {
         cli.nodes()
             .iter()
             .filter(|n| n["state"] == "RUNNING")
@@ -76,9 +85,10 @@ fn ec2_sleeper_on_moto_is_killed_to_the_last_instance() {
         3,
         "{states:?}"
     );
+}
 
-    cli.ok(&["killrun", "--run", &cli.run]);
-    let states = states_by_tag(&cli.run);
+fn assert_all_terminated(run: &str) {
+    let states = states_by_tag(run);
     assert!(
         !states.is_empty(),
         "moto still lists the terminated instances"
@@ -87,4 +97,48 @@ fn ec2_sleeper_on_moto_is_killed_to_the_last_instance() {
         states.iter().all(|s| s == "terminated"),
         "left at the IaaS: {states:?}"
     );
+}
+
+#[test]
+fn ec2_sleeper_on_moto_is_killed_to_the_last_instance() {
+    let cli = Cli::new("ec2");
+    launch_three(&cli);
+    // No AWS environment in this shell: the provisioner, disabled, checks the IaaS
+    // with its own.
+    cli.ok(&["killrun", "--run", &cli.run]);
+    assert_all_terminated(&cli.run);
+}
+
+#[test]
+fn ec2_instances_of_a_run_whose_processes_were_all_sigkilled_are_terminated_by_tag() {
+    let cli = Cli::new("ec2-dead");
+    launch_three(&cli);
+    // Standalone: the supervisor is the host of every service.
+    let (sup, _) = common::service_pids(&cli);
+    common::signal(sup, "KILL");
+    wait_for("the run down", 10, &cli, || {
+        cli.json(&["status", "--run", &cli.run])["up"] == false
+    });
+    let states = states_by_tag(&cli.run);
+    assert_eq!(
+        states.iter().filter(|s| *s == "running").count(),
+        3,
+        "the instances outlive their provisioner: {states:?}"
+    );
+
+    let out = cli.run_cmd(
+        &mut with_aws(&cli, &["killrun", "--run", &cli.run, "--json"]),
+        common::LONG_LIMIT,
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "killrun: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&text).expect("killrun --json");
+    assert_eq!(v["provisioner_answered"], false, "{v}");
+    assert_eq!(v["ec2_terminated_by_tag"], 3, "{v}");
+    assert_all_terminated(&cli.run);
+    assert!(cli.leftover_processes().is_empty());
 }

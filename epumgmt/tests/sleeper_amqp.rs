@@ -7,10 +7,13 @@ use common::{live_workers, pid_of, signal, wait_for, Cli};
 use std::process::Command;
 
 fn queues_of(run: &str) -> Vec<String> {
-    let out = Command::new("rabbitmqctl")
-        .args(["-q", "list_queues", "name"])
-        .output()
-        .expect("rabbitmqctl (install rabbitmq-server; bash scripts/test.sh does)");
+    let out = common::run_with_deadline(
+        Command::new("rabbitmqctl").args(["-q", "list_queues", "name"]),
+        common::DEFAULT_LIMIT,
+    )
+    .unwrap_or_else(|e| {
+        panic!("rabbitmqctl (install rabbitmq-server; bash scripts/test.sh does): {e}")
+    });
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| l.contains(&format!("epu.{run}.")))
