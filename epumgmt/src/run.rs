@@ -675,9 +675,8 @@ pub async fn killrun(rec: &RunRecord, limit: Duration, as_json: bool) -> anyhow:
 
     crate::deadline::waiting_for("the IaaS to list the run's instances");
     let tag_started = Instant::now();
-    let tag = crate::teardown::terminate_by_tag(rec, deadline, KILLRUN_GRACE).await;
+    let mut tag = crate::teardown::terminate_by_tag(rec, deadline, KILLRUN_GRACE).await;
     let tag_secs = tag_started.elapsed().as_secs_f64();
-    let mut tag = tag;
     if phase1.iaas_clean {
         // An IaaS we could not ask ourselves (no credentials in this shell) was asked
         // by the disabled provisioner a moment ago and listed nothing alive.
