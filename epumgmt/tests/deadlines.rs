@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{live_workers, service_pids, signal, wait_for, Cli};
+use common::{service_pids, signal, wait_for, Cli};
 
 #[test]
 fn a_frozen_run_gets_deadlines_and_killrun_falls_back_to_the_tag() {
@@ -44,14 +44,5 @@ fn a_frozen_run_gets_deadlines_and_killrun_falls_back_to_the_tag() {
         "it says the provisioner did not answer and what it does instead: {err}"
     );
     eprintln!("killrun of a frozen run: {:.1} s", took.as_secs_f64());
-    assert!(
-        live_workers(&cli.run).is_empty(),
-        "{:?}",
-        live_workers(&cli.run)
-    );
-    assert!(
-        cli.leftover_processes().is_empty(),
-        "{:?}",
-        cli.leftover_processes()
-    );
+    common::assert_nothing_left(&cli);
 }

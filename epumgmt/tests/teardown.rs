@@ -172,16 +172,7 @@ fn killrun_after_every_process_of_the_run_was_sigkilled_leaves_nothing() {
         out["local_groups_signalled"].as_u64().unwrap_or(0) >= 3,
         "{out}"
     );
-    assert!(
-        live_workers(&cli.run).is_empty(),
-        "{:?}",
-        live_workers(&cli.run)
-    );
-    assert!(
-        cli.leftover_processes().is_empty(),
-        "{:?}",
-        cli.leftover_processes()
-    );
+    common::assert_nothing_left(&cli);
 
     // Now the name is free again.
     cli.launch("examples/sleeper/plan-amqp.toml");

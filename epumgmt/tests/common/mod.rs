@@ -537,3 +537,19 @@ pub fn service_pids(cli: &Cli) -> (u64, Vec<u64>) {
         .unwrap_or_else(|| panic!("status without supervisor_pid: {s}"));
     (sup, services)
 }
+
+/// No worker process of the run and no process of its run directory is alive.
+pub fn assert_nothing_left(cli: &Cli) {
+    let workers = live_workers(&cli.run);
+    assert!(
+        workers.is_empty(),
+        "workers of run {} alive: {workers:?}",
+        cli.run
+    );
+    let procs = cli.leftover_processes();
+    assert!(
+        procs.is_empty(),
+        "processes of run {} alive: {procs:?}",
+        cli.run
+    );
+}
