@@ -1,10 +1,6 @@
 //! The [`DecisionEngine`] trait and what it reports.
 
 use std::collections::HashSet;
-use std::fmt;
-
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::config::{ConfigError, EngineConfig};
 use crate::control::Control;
@@ -33,64 +29,7 @@ pub trait DecisionEngine: Send {
     fn report(&self) -> EngineReport;
 }
 
-/// Where the engine is, in one word.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum EngineState {
-    /// Configured, no decision made yet.
-    Pending,
-    /// The domain is at its target and every counted instance is running.
-    Stable,
-    /// Instances are being launched or are still booting toward the target.
-    Growing,
-    /// Surplus healthy instances are being destroyed.
-    Shrinking,
-    /// Launches are needed but held back after launch failures.
-    BackingOff,
-    /// The last decision failed (see the report's detail).
-    Error,
-}
-
-impl EngineState {
-    /// The wire name, e.g. `"BACKING_OFF"`.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            EngineState::Pending => "PENDING",
-            EngineState::Stable => "STABLE",
-            EngineState::Growing => "GROWING",
-            EngineState::Shrinking => "SHRINKING",
-            EngineState::BackingOff => "BACKING_OFF",
-            EngineState::Error => "ERROR",
-        }
-    }
-}
-
-impl fmt::Display for EngineState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// An engine's report: a state and engine-specific details (a JSON object).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EngineReport {
-    /// In one word.
-    pub state: EngineState,
-    /// Engine-specific details (targets, counts, cooldowns, backoff, config).
-    pub detail: Value,
-}
-
-impl EngineReport {
-    /// A report.
-    pub fn new(state: EngineState, detail: Value) -> Self {
-        EngineReport { state, detail }
-    }
-
-    /// PENDING with no detail.
-    pub fn pending() -> Self {
-        EngineReport::new(EngineState::Pending, Value::Object(Default::default()))
-    }
-}
+pub use epu_model::messages::{EngineReport, EngineState};
 
 /// Why a decision could not be made.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

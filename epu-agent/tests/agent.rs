@@ -1,9 +1,6 @@
 //! The agent binary, as a worker runs it: over RabbitMQ, over the standalone host's
 //! socket, through a broker that goes away, and end to end through the aggregator.
 
-#[path = "../../sensor-aggregator/tests/common/mod.rs"]
-mod common;
-
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -11,21 +8,23 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
-use common::*;
 use epu_core::bus::local::LocalBus;
 use epu_core::bus::socket::{SocketServer, SOCKET_FILE};
 use epu_core::clock::SystemClock;
 use epu_core::store::MemStore;
 use epu_core::telemetry::Metrics;
 use epu_core::testing::{amqp_bus, amqp_url, test_options, test_run};
+use epu_model::health::Secs;
 use epu_model::messages::{Heartbeat, WorkerState};
-use epu_model::{Health, NodeState};
+use epu_model::Health;
+use epu_testkit::{
+    health_of, lapin_conn, node, record_controller, record_heartbeats, Cleanup, FakeProvisioner,
+};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
-use sensor_aggregator::{Aggregator, AggregatorConfig, DomainSensors};
+use sensor_aggregator::{Aggregator, AggregatorConfig, AggregatorDeps, DomainSensors};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
@@ -138,7 +137,9 @@ async fn a_failed_worker_is_reported_as_process_error_until_the_agent_is_stopped
     let run = test_run("ag-err");
     let _cleanup = Cleanup::new(&run);
     let bus = amqp_bus(&run, test_options("test")).await;
-    let (server, hbs) = record_heartbeats(&bus).await;
+    let (server, hbs) = record_heartbeats(&bus)
+        .await
+        .expect("serve the aggregator queue");
     let url = amqp_url();
     let run_s = run.to_string();
     let mut agent = AgentProc::start(
@@ -195,25 +196,27 @@ async fn process_error_reaches_the_controller_through_the_aggregator() {
     let run = test_run("ag-e2e");
     let _cleanup = Cleanup::new(&run);
     let bus = amqp_bus(&run, test_options("test")).await;
-    let (ctl, rec) = record_controller(&bus).await;
-    let nodes: Nodes = Arc::new(Mutex::new(vec![node(
-        "n-e2e",
-        "workers",
-        &run,
-        NodeState::Running,
-        Utc::now(),
-    )]));
-    let prov = fake_provisioner(&bus, nodes).await;
+    let (ctl, rec) = record_controller(&bus)
+        .await
+        .expect("serve the controller queue");
+    let prov = FakeProvisioner::builder()
+        .nodes([node("workers", "n-e2e").run(&run).build()])
+        .serve(Arc::new(bus.clone()))
+        .await
+        .expect("serve the fake provisioner");
     let agg_bus = amqp_bus(&run, test_options("sensor-aggregator")).await;
     let mut cfg = AggregatorConfig::new(run.clone());
     cfg.nodes_poll_secs = 0.2;
     cfg.domains.push(DomainSensors::new("workers"));
     let agg = Aggregator::new(
         cfg,
-        Arc::new(agg_bus.clone()),
-        Arc::new(MemStore::new()),
-        SystemClock::shared(),
-        &Metrics::new(),
+        AggregatorDeps {
+            bus: Arc::new(agg_bus.clone()),
+            store: Arc::new(MemStore::new()),
+            clock: SystemClock::shared(),
+            metrics: Metrics::new(),
+            readiness: Default::default(),
+        },
     )
     .expect("aggregator");
     let running = agg.start().await.expect("start");
@@ -252,28 +255,30 @@ async fn a_stopped_agent_goes_missing_within_missing_timeout_plus_one_interval()
     let run = test_run("ag-stop");
     let _cleanup = Cleanup::new(&run);
     let bus = amqp_bus(&run, test_options("test")).await;
-    let (ctl, rec) = record_controller(&bus).await;
-    let nodes: Nodes = Arc::new(Mutex::new(vec![node(
-        "n-stop",
-        "workers",
-        &run,
-        NodeState::Running,
-        Utc::now(),
-    )]));
-    let prov = fake_provisioner(&bus, nodes).await;
+    let (ctl, rec) = record_controller(&bus)
+        .await
+        .expect("serve the controller queue");
+    let prov = FakeProvisioner::builder()
+        .nodes([node("workers", "n-stop").run(&run).build()])
+        .serve(Arc::new(bus.clone()))
+        .await
+        .expect("serve the fake provisioner");
     let agg_bus = amqp_bus(&run, test_options("sensor-aggregator")).await;
     let mut cfg = AggregatorConfig::new(run.clone());
     cfg.nodes_poll_secs = 0.2;
     let mut d = DomainSensors::new("workers");
-    d.missing_timeout_secs = 2.0;
-    d.boot_timeout_secs = 30.0;
+    d.health.missing_timeout_secs = Secs::new(2.0).expect("valid seconds");
+    d.health.boot_timeout_secs = Secs::new(30.0).expect("valid seconds");
     cfg.domains.push(d);
     let agg = Aggregator::new(
         cfg,
-        Arc::new(agg_bus.clone()),
-        Arc::new(MemStore::new()),
-        SystemClock::shared(),
-        &Metrics::new(),
+        AggregatorDeps {
+            bus: Arc::new(agg_bus.clone()),
+            store: Arc::new(MemStore::new()),
+            clock: SystemClock::shared(),
+            metrics: Metrics::new(),
+            readiness: Default::default(),
+        },
     )
     .expect("aggregator");
     let running = agg.start().await.expect("start");
@@ -334,7 +339,9 @@ async fn over_the_socket_it_reports_jobs_and_forwards_sigterm() {
     let socket = SocketServer::bind(&dir.path().join(SOCKET_FILE), bus.clone())
         .await
         .expect("socket");
-    let (server, hbs) = record_heartbeats(&bus).await;
+    let (server, hbs) = record_heartbeats(&bus)
+        .await
+        .expect("serve the aggregator queue");
     let run_s = run.to_string();
     let dir_s = dir.path().display().to_string();
     let pid_file = dir.path().join("worker.pid");
@@ -390,7 +397,9 @@ async fn a_worker_that_exits_0_gets_a_last_heartbeat_and_the_agent_exits_0() {
     let socket = SocketServer::bind(&dir.path().join(SOCKET_FILE), bus.clone())
         .await
         .expect("socket");
-    let (server, hbs) = record_heartbeats(&bus).await;
+    let (server, hbs) = record_heartbeats(&bus)
+        .await
+        .expect("serve the aggregator queue");
     let run_s = run.to_string();
     let dir_s = dir.path().display().to_string();
     let env = [
@@ -531,7 +540,9 @@ async fn the_agent_survives_the_broker_being_away() {
     let run = test_run("ag-away");
     let _cleanup = Cleanup::new(&run);
     let bus = amqp_bus(&run, test_options("test")).await;
-    let (server, hbs) = record_heartbeats(&bus).await;
+    let (server, hbs) = record_heartbeats(&bus)
+        .await
+        .expect("serve the aggregator queue");
     let port = Proxy::free_port().await;
     let mut proxy = Proxy::new(port);
     let url = amqp_url();
@@ -594,7 +605,9 @@ async fn the_example_queue_worker_reports_the_job_it_holds() {
     let queue = format!("jobs.{run}");
     cleanup.queue(&queue);
     let bus = amqp_bus(&run, test_options("test")).await;
-    let (server, hbs) = record_heartbeats(&bus).await;
+    let (server, hbs) = record_heartbeats(&bus)
+        .await
+        .expect("serve the aggregator queue");
     let url = amqp_url();
     let out = Command::new(env!("CARGO_BIN_EXE_epu-queue-producer"))
         .args([
@@ -671,7 +684,9 @@ async fn the_sleeper_example_heartbeats_through_the_agent() {
     let socket = SocketServer::bind(&dir.path().join(SOCKET_FILE), bus.clone())
         .await
         .expect("socket");
-    let (server, hbs) = record_heartbeats(&bus).await;
+    let (server, hbs) = record_heartbeats(&bus)
+        .await
+        .expect("serve the aggregator queue");
     let run_s = run.to_string();
     let dir_s = dir.path().display().to_string();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/sleeper/worker.sh");

@@ -7,43 +7,55 @@
 //! until every domain has asked for its replacement).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use decision_engines::Registry;
-use epu_controller::{Controller, DomainPolicy, Timing};
+use epu_controller::{Controller, ControllerDeps, ControllerSetup, DomainPolicy, Timing};
 use epu_core::bus::local::LocalBus;
-use epu_core::bus::{Bus, FnHandler, Incoming};
+use epu_core::bus::Bus;
 use epu_core::clock::SystemClock;
 use epu_core::store::MemStore;
 use epu_core::telemetry::{Health, Metrics};
 use epu_core::testing::{test_options, test_run};
-use epu_core::wire::{Envelope, Op, Service};
-use epu_model::messages::{DescribeNodesReply, NodeRecord, ProvisionRequest};
+use epu_core::wire::{Envelope, Op, RunName, Service};
+use epu_model::messages::NodeRecord;
 use epu_model::NodeState;
-use serde_json::{json, Value};
+use epu_testkit::{node, FakeProvisioner};
+use serde_json::json;
 
 const DOMAINS: usize = 1000;
+/// How long any one wait of the bench may take.
+const DEADLINE: Duration = Duration::from_secs(120);
 
-type Seen = Arc<Mutex<HashMap<String, (Instant, Vec<String>)>>>;
-
-fn node(domain: &str, id: &str, launch: &str, run: &str, state: NodeState) -> NodeRecord {
-    let mut t = BTreeMap::new();
-    t.insert(state, chrono::Utc::now());
-    NodeRecord {
-        node_id: id.into(),
-        launch_id: launch.into(),
-        domain: domain.into(),
-        run: run.into(),
-        driver: "sim".into(),
-        iaas_id: None,
-        addresses: vec![],
-        state,
-        reason: None,
-        reason_detail: None,
-        state_times: t,
-        vars: Default::default(),
+/// Waits (up to `DEADLINE`) until `prov` has received `want` provisions.
+async fn wait_provisions(prov: &FakeProvisioner, want: usize) {
+    let deadline = Instant::now() + DEADLINE;
+    while prov.provision_count() < want {
+        if Instant::now() >= deadline {
+            panic!(
+                "waited {DEADLINE:?} for {want} provisions, got {}",
+                prov.provision_count()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
+}
+
+/// A failure of each domain's most recent node, as the provisioner would report it.
+fn failures(prov: &FakeProvisioner, run: &RunName) -> HashMap<String, NodeRecord> {
+    prov.provisions()
+        .into_iter()
+        .map(|p| {
+            let id = p.request.node_ids[0].clone();
+            let failed = node(&p.request.domain, &id)
+                .run(run)
+                .launch("x")
+                .state(NodeState::Failed)
+                .build();
+            (p.request.domain, failed)
+        })
+        .collect()
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -55,44 +67,9 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 async fn main() {
     let run = test_run("bench");
     let bus = LocalBus::new(run.clone(), test_options("host"));
-    let seen: Seen = Arc::new(Mutex::new(HashMap::new()));
-    let prov_bus = bus.view(test_options("provisioner"));
-    let s = seen.clone();
-    let r = run.to_string();
-    let out = prov_bus.clone();
-    let prov = prov_bus
-        .serve(
-            Service::Provisioner,
-            Arc::new(FnHandler(move |m: Incoming| {
-                let (s, r, out) = (s.clone(), r.clone(), out.clone());
-                async move {
-                    let env = m.envelope;
-                    match env.op {
-                        Op::Provision => {
-                            let req: ProvisionRequest = env.parse_body()?;
-                            s.lock()
-                                .expect("lock")
-                                .insert(req.domain.clone(), (Instant::now(), req.node_ids.clone()));
-                            for id in &req.node_ids {
-                                let rec =
-                                    node(&req.domain, id, &req.launch_id, &r, NodeState::Running);
-                                let e = Envelope::with_body(out.run(), Op::InstanceInfo, "p", &rec)
-                                    .expect("enc");
-                                out.send(Service::Controller, &e).await.expect("send");
-                            }
-                            Ok(Value::Null)
-                        }
-                        Op::DumpState => Ok(json!(DescribeNodesReply {
-                            enabled: true,
-                            nodes: vec![]
-                        })),
-                        _ => Ok(Value::Null),
-                    }
-                }
-            })),
-        )
+    let prov = FakeProvisioner::serve(Arc::new(bus.view(test_options("provisioner"))))
         .await
-        .expect("serve");
+        .expect("serve the fake provisioner");
     let mut policies = BTreeMap::new();
     for i in 0..DOMAINS {
         let p: DomainPolicy = serde_json::from_value(json!({
@@ -102,47 +79,56 @@ async fn main() {
         .expect("policy");
         policies.insert(p.name.clone(), p);
     }
-    let (_ctl, server) = Controller::start(
-        run.clone(),
-        Arc::new(bus.view(test_options("epu-controller"))),
-        Arc::new(MemStore::new()),
-        SystemClock::shared(),
-        &Metrics::new(),
-        Health::new(),
-        Registry::with_builtins(),
-        policies,
-        Timing {
-            decision_interval_secs: 30.0,
-            debounce_ms: 0,
-            request_timeout_secs: 10.0,
+    let server = Controller::new(
+        ControllerSetup {
+            run: run.clone(),
+            policies,
+            timing: Timing {
+                decision_interval_secs: 30.0,
+                debounce_ms: 0,
+                request_timeout_secs: 10.0,
+            },
+        },
+        ControllerDeps {
+            bus: Arc::new(bus.view(test_options("epu-controller"))),
+            store: Arc::new(MemStore::new()),
+            clock: SystemClock::shared(),
+            metrics: Metrics::new(),
+            readiness: Health::new(),
+            registry: Registry::with_builtins(),
         },
     )
+    .expect("controller")
+    .start()
     .await
     .expect("controller");
-    let wait_all = |want: usize| {
-        let seen = seen.clone();
-        async move {
-            while seen.lock().expect("lock").len() < want {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        }
-    };
-    wait_all(DOMAINS).await;
+    wait_provisions(&prov, DOMAINS).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // One event at a time: a node fails; time until that domain's provision arrives.
     let mut latencies = Vec::with_capacity(DOMAINS);
+    let mut failed = failures(&prov, &run);
     for i in 0..DOMAINS {
         let domain = format!("d{i}");
-        let (_, ids) = seen.lock().expect("lock").remove(&domain).expect("seen");
-        let failed = node(&domain, &ids[0], "x", run.as_str(), NodeState::Failed);
-        let e = Envelope::with_body(&run, Op::InstanceInfo, "bench", &failed).expect("enc");
+        let f = failed.remove(&domain).expect("a node of every domain");
+        let e = Envelope::with_body(&run, Op::InstanceInfo, "bench", &f).expect("enc");
+        let before = prov.provision_count();
         let t0 = Instant::now();
         bus.send(Service::Controller, &e).await.expect("send");
+        let deadline = t0 + DEADLINE;
         loop {
-            if let Some((t1, _)) = seen.lock().expect("lock").get(&domain) {
-                latencies.push(t1.duration_since(t0));
-                break;
+            if prov.provision_count() > before {
+                if let Some(p) = prov
+                    .provisions_from(before)
+                    .into_iter()
+                    .find(|p| p.request.domain == domain)
+                {
+                    latencies.push(p.at.duration_since(t0));
+                    break;
+                }
+            }
+            if Instant::now() >= deadline {
+                panic!("waited {DEADLINE:?} for the replacement provision of {domain}");
             }
             tokio::task::yield_now().await;
         }
@@ -150,21 +136,14 @@ async fn main() {
     latencies.sort();
 
     // A round: every domain loses its node at once.
-    let mut failures = Vec::with_capacity(DOMAINS);
-    {
-        let mut g = seen.lock().expect("lock");
-        for i in 0..DOMAINS {
-            let domain = format!("d{i}");
-            let (_, ids) = g.remove(&domain).expect("seen");
-            failures.push(node(&domain, &ids[0], "x", run.as_str(), NodeState::Failed));
-        }
-    }
+    let failed = failures(&prov, &run);
+    let before = prov.provision_count();
     let t0 = Instant::now();
-    for f in &failures {
+    for f in failed.values() {
         let e = Envelope::with_body(&run, Op::InstanceInfo, "bench", f).expect("enc");
         bus.send(Service::Controller, &e).await.expect("send");
     }
-    wait_all(DOMAINS).await;
+    wait_provisions(&prov, before + DOMAINS).await;
     let round = t0.elapsed();
     println!("controller with {DOMAINS} domains (npreserving, in-process bus)");
     println!(

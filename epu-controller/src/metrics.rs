@@ -10,6 +10,11 @@ pub struct ControllerMetrics {
     pub desired: IntGaugeVec,
     pub actual: IntGaugeVec,
     pub decision_seconds: HistogramVec,
+    /// Store reads and writes that failed, by domain and what the domain was doing
+    /// (`op`: `record_launch`, `launch_sent`, `forget_launch`, `launch_failures`,
+    /// `read_launches`, `reconfigure`, `remove`). Each is also logged with
+    /// `event = "store_failed"`.
+    pub store_errors: IntCounterVec,
 }
 
 impl ControllerMetrics {
@@ -58,6 +63,13 @@ impl ControllerMetrics {
                 ]),
                 &["engine"],
             )?,
+            store_errors: IntCounterVec::new(
+                Opts::new(
+                    "epu_controller_store_errors_total",
+                    "controller store reads and writes that failed",
+                ),
+                &["domain", "op"],
+            )?,
         };
         registry.register(Box::new(m.decisions.clone()))?;
         registry.register(Box::new(m.launches.clone()))?;
@@ -65,6 +77,7 @@ impl ControllerMetrics {
         registry.register(Box::new(m.desired.clone()))?;
         registry.register(Box::new(m.actual.clone()))?;
         registry.register(Box::new(m.decision_seconds.clone()))?;
+        registry.register(Box::new(m.store_errors.clone()))?;
         Ok(m)
     }
 }

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use decision_engines::{EngineConfig, Registry};
+pub use epu_model::health::{HealthPolicy, SensorPolicy};
 use epu_model::messages::Deployable;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -24,8 +25,11 @@ pub struct DomainPolicy {
     pub engine_conf: Map<String, Value>,
     /// What each worker is.
     pub deployable: Deployable,
-    #[serde(default)]
+    /// How the sensor aggregator judges this domain's workers: `[health]`, its keys
+    /// checked as they are read (a misspelt one is refused).
+    #[serde(default, deserialize_with = "epu_model::health::deserialize_strict")]
     pub health: HealthPolicy,
+    /// Where the domain's work queue is: `[sensors]`.
     #[serde(default)]
     pub sensors: SensorPolicy,
     /// Decide and log, but do not launch or destroy.
@@ -36,32 +40,12 @@ pub struct DomainPolicy {
     pub paused: bool,
 }
 
-/// How the sensor aggregator judges this domain's workers.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct HealthPolicy {
-    pub boot_timeout_secs: f64,
-    pub missing_timeout_secs: f64,
-    pub zombie_secs: f64,
-}
-
-impl Default for HealthPolicy {
-    fn default() -> Self {
-        HealthPolicy {
-            boot_timeout_secs: 60.0,
-            missing_timeout_secs: 15.0,
-            zombie_secs: 10.0,
-        }
-    }
-}
-
-/// Where the domain's work queue is (for queue-length engines).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SensorPolicy {
-    pub queue: Option<String>,
-    /// The broker holding `queue`; default the run's broker.
-    pub broker_url: Option<String>,
+/// A policy is the body of `add_domain`; the controller answers with the new
+/// domain's summary.
+impl epu_core::request::Request for DomainPolicy {
+    const OP: epu_core::wire::Op = epu_core::wire::Op::AddDomain;
+    const TO: epu_core::wire::Service = epu_core::wire::Service::Controller;
+    type Reply = epu_model::messages::DomainSummary;
 }
 
 /// A policy that failed to load or validate. The message names the file (when
@@ -92,7 +76,9 @@ impl PolicyError {
 
 impl DomainPolicy {
     /// Checks everything that can be checked without running: the name, the
-    /// engine exists and accepts its config, the health settings are sane.
+    /// engine exists and accepts its config, a local deployable names a command.
+    /// (The health settings cannot be out of range: they are checked as they are
+    /// read.)
     /// `origin` names the file (or `add_domain`) in errors.
     pub fn validate(&self, registry: &Registry, origin: &str) -> Result<(), PolicyError> {
         let ok_name = !self.name.is_empty()
@@ -111,22 +97,8 @@ impl DomainPolicy {
                 ),
             ));
         }
-        for (key, v) in [
-            ("health.boot_timeout_secs", self.health.boot_timeout_secs),
-            (
-                "health.missing_timeout_secs",
-                self.health.missing_timeout_secs,
-            ),
-            ("health.zombie_secs", self.health.zombie_secs),
-        ] {
-            if !(v.is_finite() && v > 0.0) {
-                return Err(PolicyError::new(
-                    origin,
-                    Some(key),
-                    format!("expected a positive number of seconds, got {v}"),
-                ));
-            }
-        }
+        // The health settings are `Secs`: finite and above 0 by construction, checked
+        // (with the key named) when the policy was read.
         if let Deployable::Local(l) = &self.deployable {
             if l.command.trim().is_empty() {
                 return Err(PolicyError::new(
@@ -408,6 +380,54 @@ mod tests {
         assert_eq!(e.image, "ami-{run}");
         assert_eq!(e.key_name.as_deref(), Some("{run}"));
         assert_eq!(e.security_groups, ["sg-{run}"]);
+    }
+
+    /// Health settings in a policy file: (file text after `[health]`, the value the
+    /// missing timeout gets, or a fragment every error must contain besides the file).
+    #[test]
+    fn health_settings_are_checked_as_the_policy_is_read() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let reg = Registry::with_builtins();
+        #[rustfmt::skip]
+        let cases: &[(&str, &str, Result<f64, &str>)] = &[
+            ("ok.toml",        "missing_timeout_secs = 1\n",            Ok(1.0)),
+            ("frac.toml",      "missing_timeout_secs = 0.25\n",         Ok(0.25)),
+            ("defaults.toml",  "",                                     Ok(15.0)),
+            ("zero.toml",      "missing_timeout_secs = 0\n",            Err("missing_timeout_secs")),
+            ("negative.toml",  "boot_timeout_secs = -5\n",              Err("-5 is not a valid number of seconds")),
+            ("zombie.toml",    "zombie_secs = 0\n",                     Err("zombie_secs")),
+            ("typo.toml",      "missing_timout_secs = 1\n",             Err("missing_timout_secs")),
+            ("text.toml",      "missing_timeout_secs = \"soon\"\n",     Err("missing_timeout_secs")),
+        ];
+        for (file, health, want) in cases {
+            let p = dir.path().join(file);
+            let text = format!(
+                "name = \"web\"\nengine = \"npreserving\"\n[engine_conf]\npreserve_n = 1\n[deployable]\ndriver = \"sim\"\n[health]\n{health}"
+            );
+            std::fs::write(&p, text).expect("write");
+            match (want, load_policy(&p, &reg, "r1")) {
+                (Ok(m), Ok(policy)) => {
+                    assert_eq!(policy.health.missing_timeout_secs.get(), *m, "{file}")
+                }
+                (Err(w), Err(e)) => {
+                    let e = e.to_string();
+                    assert!(e.contains(file), "{file}: names the file: {e}");
+                    assert!(e.contains(w), "{file}: names {w}: {e}");
+                }
+                (w, g) => panic!("{file}: wanted {w:?}, got {g:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn an_added_domain_with_bad_health_is_refused_naming_the_key() {
+        let body = serde_json::json!({
+            "name": "web", "engine": "npreserving", "engine_conf": {"preserve_n": 1},
+            "deployable": {"driver": "sim"},
+            "health": {"missing_timeout_secs": -1},
+        });
+        let e = serde_json::from_value::<DomainPolicy>(body).expect_err("negative");
+        assert!(e.to_string().contains("missing_timeout_secs: -1"), "{e}");
     }
 
     #[test]

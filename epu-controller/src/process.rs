@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use clap::Parser;
 use decision_engines::Registry;
 use epu_core::clock::SystemClock;
-use epu_core::service::{shutdown_signal, ServiceBasics};
+use epu_core::service::{run_service, shutdown_signal, ServiceBasics};
 
-use crate::{load_policies, Controller, ControllerConfig};
+use crate::service::SENDER;
+use crate::{load_policies, Controller, ControllerConfig, ControllerDeps, ControllerSetup};
 
 /// The EPU controller: keeps every domain at the size its policy wants.
 ///
@@ -30,35 +31,23 @@ pub async fn main_with(registry: Registry) -> anyhow::Result<()> {
     let env: HashMap<String, String> = std::env::vars().collect();
     let cfg: ControllerConfig = epu_core::config::load(Some(&args.config), &env)?;
     let policies = load_policies(&cfg.policies, &registry, cfg.run.as_str())?;
-    let basics = ServiceBasics::start(
-        "epu-controller",
-        &cfg.run,
-        &cfg.bus,
-        &cfg.telemetry,
-        &cfg.store,
-    )
-    .await?;
-    let health = basics.health.clone();
-    let (_controller, server) = Controller::start(
-        cfg.run.clone(),
-        basics.bus.clone(),
-        basics.store.clone(),
-        SystemClock::shared(),
-        &basics.metrics,
-        health.clone(),
-        registry,
-        policies,
-        cfg.timing.clone(),
-    )
-    .await?;
-    tracing::info!(event = "service_started", service = "controller", run = %cfg.run, "controller running");
-    shutdown_signal().await;
-    health.set_ready(false);
-    server.stop().await;
-    tracing::info!(
-        event = "service_stopped",
-        service = "controller",
-        "controller stopped"
-    );
+    let basics =
+        ServiceBasics::start(SENDER, &cfg.run, &cfg.bus, &cfg.telemetry, &cfg.store).await?;
+    let controller = Controller::new(
+        ControllerSetup {
+            run: cfg.run.clone(),
+            policies,
+            timing: cfg.timing.clone(),
+        },
+        ControllerDeps {
+            bus: basics.bus,
+            store: basics.store,
+            clock: SystemClock::shared(),
+            metrics: basics.metrics,
+            readiness: basics.health,
+            registry,
+        },
+    )?;
+    run_service(&controller, shutdown_signal()).await?;
     Ok(())
 }

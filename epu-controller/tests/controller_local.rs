@@ -3,113 +3,32 @@
 //! restart, bad policies are refused with the file and key named.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use decision_engines::Registry;
-use epu_controller::{load_policy, Controller, DomainPolicy, Timing};
+use epu_controller::{
+    load_policy, Controller, ControllerDeps, ControllerSetup, DomainPolicy, RunningController,
+    Timing,
+};
 use epu_core::bus::local::LocalBus;
-use epu_core::bus::{Bus, FnHandler, Incoming, Server};
+use epu_core::bus::Bus;
 use epu_core::clock::SystemClock;
 use epu_core::store::{MemStore, Store};
 use epu_core::telemetry::{Health as Ready, Metrics};
 use epu_core::testing::{test_options, test_run, wait_until};
-use epu_core::wire::{Envelope, Op, ReplyError, RunName, Service};
-use epu_model::messages::{
-    DescribeNodesReply, NodeRecord, ProvisionRequest, TerminateNodesRequest,
-};
+use epu_core::wire::{Envelope, Op, Service};
 use epu_model::NodeState;
-use serde_json::{json, Value};
+use epu_testkit::FakeProvisioner;
+use serde_json::json;
 
-#[derive(Default)]
-struct FakeIaas {
-    nodes: BTreeMap<String, NodeRecord>,
-    provisions: Vec<ProvisionRequest>,
-}
-
-fn record(req: &ProvisionRequest, id: &str, run: &RunName, state: NodeState) -> NodeRecord {
-    let mut times = BTreeMap::new();
-    times.insert(state, chrono::Utc::now());
-    NodeRecord {
-        node_id: id.into(),
-        launch_id: req.launch_id.clone(),
-        domain: req.domain.clone(),
-        run: run.to_string(),
-        driver: "fake".into(),
-        iaas_id: Some(format!("i-{id}")),
-        addresses: vec![],
-        state,
-        reason: None,
-        reason_detail: None,
-        state_times: times,
-        vars: req.vars.clone(),
-    }
-}
-
-async fn fake_provisioner(bus: LocalBus, iaas: Arc<Mutex<FakeIaas>>) -> Server {
-    let run = bus.run().clone();
-    let out = bus.clone();
-    bus.serve(
-        Service::Provisioner,
-        Arc::new(FnHandler(move |m: Incoming| {
-            let (iaas, out, run) = (iaas.clone(), out.clone(), run.clone());
-            async move {
-                let env = m.envelope;
-                let mut updates = vec![];
-                let reply = match env.op {
-                    Op::Provision => {
-                        let req: ProvisionRequest = env.parse_body()?;
-                        let mut g = iaas.lock().expect("lock");
-                        let known = g.provisions.iter().any(|p| p.launch_id == req.launch_id);
-                        if !known {
-                            g.provisions.push(req.clone());
-                            for id in &req.node_ids {
-                                let r = record(&req, id, &run, NodeState::Running);
-                                g.nodes.insert(id.clone(), r.clone());
-                                updates.push(r);
-                            }
-                        }
-                        Value::Null
-                    }
-                    Op::TerminateNodes => {
-                        let req: TerminateNodesRequest = env.parse_body()?;
-                        let mut g = iaas.lock().expect("lock");
-                        for id in req.node_ids {
-                            if let Some(r) = g.nodes.get_mut(&id) {
-                                r.state = NodeState::Terminated;
-                                r.state_times
-                                    .insert(NodeState::Terminated, chrono::Utc::now());
-                                updates.push(r.clone());
-                            }
-                        }
-                        Value::Null
-                    }
-                    Op::DumpState | Op::DescribeNodes => {
-                        let g = iaas.lock().expect("lock");
-                        let nodes = g
-                            .nodes
-                            .values()
-                            .filter(|r| !r.state.is_terminal())
-                            .cloned()
-                            .collect();
-                        serde_json::to_value(DescribeNodesReply {
-                            enabled: true,
-                            nodes,
-                        })
-                        .expect("enc")
-                    }
-                    _ => return Err(ReplyError::bad_request("not faked")),
-                };
-                for r in updates {
-                    let e = Envelope::with_body(&run, Op::InstanceInfo, "fake", &r).expect("enc");
-                    out.send(Service::Controller, &e).await.expect("send");
-                }
-                Ok(reply)
-            }
-        })),
-    )
-    .await
-    .expect("serve")
+/// The fake provisioner on its own view of the bus, driver "fake".
+async fn fake_provisioner(bus: &LocalBus) -> FakeProvisioner {
+    FakeProvisioner::builder()
+        .driver("fake")
+        .serve(Arc::new(bus.view(test_options("provisioner"))))
+        .await
+        .expect("serve the fake provisioner")
 }
 
 fn npreserving(n: u32) -> DomainPolicy {
@@ -130,31 +49,32 @@ fn fast() -> Timing {
     }
 }
 
-fn running(iaas: &Arc<Mutex<FakeIaas>>) -> usize {
-    iaas.lock()
-        .expect("l")
-        .nodes
-        .values()
-        .filter(|r| r.state == NodeState::Running)
-        .count()
+fn running(prov: &FakeProvisioner) -> usize {
+    prov.count(NodeState::Running)
 }
 
 async fn start(
     bus: &LocalBus,
     store: Arc<dyn Store>,
     policies: BTreeMap<String, DomainPolicy>,
-) -> (Arc<Controller>, Server) {
-    Controller::start(
-        bus.run().clone(),
-        Arc::new(bus.view(test_options("epu-controller"))),
-        store,
-        SystemClock::shared(),
-        &Metrics::new(),
-        Ready::new(),
-        Registry::with_builtins(),
-        policies,
-        fast(),
+) -> RunningController {
+    Controller::new(
+        ControllerSetup {
+            run: bus.run().clone(),
+            policies,
+            timing: fast(),
+        },
+        ControllerDeps {
+            bus: Arc::new(bus.view(test_options("epu-controller"))),
+            store,
+            clock: SystemClock::shared(),
+            metrics: Metrics::new(),
+            readiness: Ready::new(),
+            registry: Registry::with_builtins(),
+        },
     )
+    .expect("controller builds")
+    .start()
     .await
     .expect("controller starts")
 }
@@ -163,36 +83,29 @@ async fn start(
 async fn preserves_n_replaces_failures_reconfigures_and_remembers_across_restart() {
     let run = test_run("ctl");
     let bus = LocalBus::new(run.clone(), test_options("host"));
-    let iaas = Arc::new(Mutex::new(FakeIaas::default()));
-    let prov = fake_provisioner(bus.view(test_options("provisioner")), iaas.clone()).await;
+    let prov = fake_provisioner(&bus).await;
     let store: Arc<dyn Store> = Arc::new(MemStore::new());
     let mut policies = BTreeMap::new();
     policies.insert("web".to_string(), npreserving(3));
-    let (ctl, server) = start(&bus, store.clone(), policies.clone()).await;
+    let server = start(&bus, store.clone(), policies.clone()).await;
     let t = Duration::from_secs(10);
     assert!(
-        wait_until(t, || running(&iaas) == 3).await,
+        wait_until(t, || running(&prov) == 3).await,
         "reaches 3 RUNNING"
     );
 
     // A node fails: the controller replaces it.
-    let victim = {
-        let mut g = iaas.lock().expect("l");
-        let r = g
-            .nodes
-            .values_mut()
-            .find(|r| r.state == NodeState::Running)
-            .expect("one");
-        r.state = NodeState::Failed;
-        r.state_times.insert(NodeState::Failed, chrono::Utc::now());
-        r.clone()
-    };
-    let e = Envelope::with_body(&run, Op::InstanceInfo, "fake", &victim).expect("enc");
-    bus.send(Service::Controller, &e).await.expect("send");
+    let victim = prov
+        .nodes()
+        .into_iter()
+        .find(|r| r.state == NodeState::Running)
+        .expect("one RUNNING node");
+    prov.set_state(&victim.node_id, NodeState::Failed)
+        .await
+        .expect("instance_info sent")
+        .expect("the victim is known");
     assert!(
-        wait_until(t, || running(&iaas) == 3
-            && iaas.lock().expect("l").nodes.len() == 4)
-        .await,
+        wait_until(t, || running(&prov) == 3 && prov.nodes().len() == 4).await,
         "replaced with a new node"
     );
 
@@ -209,7 +122,7 @@ async fn preserves_n_replaces_failures_reconfigures_and_remembers_across_restart
         .await
         .expect("accepted");
     assert_eq!(got["engine_conf"]["preserve_n"], json!("5"));
-    assert!(wait_until(t, || running(&iaas) == 5).await, "reaches 5");
+    assert!(wait_until(t, || running(&prov) == 5).await, "reaches 5");
 
     // A bad reconfigure is refused and the old value stays.
     let bad = Envelope::new(
@@ -237,17 +150,12 @@ async fn preserves_n_replaces_failures_reconfigures_and_remembers_across_restart
 
     // Restart the controller over the same store: 5 still in force, nothing launched twice.
     server.stop().await;
-    drop(ctl);
-    let launched_before = iaas.lock().expect("l").nodes.len();
+    let launched_before = prov.nodes().len();
     // The policy file still says 3; the stored reconfiguration wins.
-    let (_ctl, server) = start(&bus, store.clone(), policies).await;
+    let server = start(&bus, store.clone(), policies).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(running(&iaas), 5);
-    assert_eq!(
-        iaas.lock().expect("l").nodes.len(),
-        launched_before,
-        "no duplicate launches"
-    );
+    assert_eq!(running(&prov), 5);
+    assert_eq!(prov.nodes().len(), launched_before, "no duplicate launches");
     let d = Envelope::new(&run, Op::DescribeDomain, "cli", json!({"domain": "web"}));
     let desc = cli
         .request(Service::Controller, &d, t)
@@ -263,19 +171,14 @@ async fn preserves_n_replaces_failures_reconfigures_and_remembers_across_restart
 async fn dry_run_decides_but_launches_nothing_and_paused_does_not_decide() {
     let run = test_run("dry");
     let bus = LocalBus::new(run.clone(), test_options("host"));
-    let iaas = Arc::new(Mutex::new(FakeIaas::default()));
-    let prov = fake_provisioner(bus.view(test_options("provisioner")), iaas.clone()).await;
+    let prov = fake_provisioner(&bus).await;
     let mut p = npreserving(2);
     p.dry_run = true;
     let mut policies = BTreeMap::new();
     policies.insert("web".to_string(), p);
-    let (_ctl, server) = start(&bus, Arc::new(MemStore::new()), policies).await;
+    let server = start(&bus, Arc::new(MemStore::new()), policies).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(
-        iaas.lock().expect("l").provisions.len(),
-        0,
-        "dry run launches nothing"
-    );
+    assert_eq!(prov.provision_count(), 0, "dry run launches nothing");
     let cli = bus.view(test_options("cli"));
     let t = Duration::from_secs(10);
     let d = Envelope::new(&run, Op::DescribeDomain, "cli", json!({"domain": "web"}));
@@ -298,11 +201,7 @@ async fn dry_run_decides_but_launches_nothing_and_paused_does_not_decide() {
     );
     cli.request(Service::Controller, &r, t).await.expect("ok");
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(
-        iaas.lock().expect("l").provisions.len(),
-        0,
-        "paused launches nothing"
-    );
+    assert_eq!(prov.provision_count(), 0, "paused launches nothing");
     let r = Envelope::new(
         &run,
         Op::Reconfigure,
@@ -310,7 +209,7 @@ async fn dry_run_decides_but_launches_nothing_and_paused_does_not_decide() {
         json!({"domain": "web", "paused": false}),
     );
     cli.request(Service::Controller, &r, t).await.expect("ok");
-    assert!(wait_until(t, || running(&iaas) == 2).await);
+    assert!(wait_until(t, || running(&prov) == 2).await);
     server.stop().await;
     prov.stop().await;
 }
@@ -319,9 +218,8 @@ async fn dry_run_decides_but_launches_nothing_and_paused_does_not_decide() {
 async fn domains_are_added_listed_and_removed_at_runtime() {
     let run = test_run("dom");
     let bus = LocalBus::new(run.clone(), test_options("host"));
-    let iaas = Arc::new(Mutex::new(FakeIaas::default()));
-    let prov = fake_provisioner(bus.view(test_options("provisioner")), iaas.clone()).await;
-    let (_ctl, server) = start(&bus, Arc::new(MemStore::new()), BTreeMap::new()).await;
+    let prov = fake_provisioner(&bus).await;
+    let server = start(&bus, Arc::new(MemStore::new()), BTreeMap::new()).await;
     let cli = bus.view(test_options("cli"));
     let t = Duration::from_secs(10);
     let mut policy = npreserving(2);
@@ -345,7 +243,7 @@ async fn domains_are_added_listed_and_removed_at_runtime() {
         .await
         .expect_err("twice");
     assert_eq!(err.code, epu_core::wire::ErrorCode::Conflict);
-    assert!(wait_until(t, || running(&iaas) == 2).await);
+    assert!(wait_until(t, || running(&prov) == 2).await);
     let list = Envelope::new(&run, Op::ListDomains, "cli", json!({}));
     let domains = cli
         .request(Service::Controller, &list, t)
@@ -366,7 +264,7 @@ async fn domains_are_added_listed_and_removed_at_runtime() {
         .await
         .expect("removed");
     assert!(
-        wait_until(t, || running(&iaas) == 0).await,
+        wait_until(t, || running(&prov) == 0).await,
         "its instances are destroyed"
     );
     let domains = cli

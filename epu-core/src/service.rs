@@ -148,3 +148,160 @@ impl ServiceBasics {
         })
     }
 }
+
+/// The one lifecycle of every epu service (provisioner, controller, sensor
+/// aggregator): built with `X::new(config, deps)`, [`start`](Self::start)ed into
+/// a running value that owns every task the service spawned, and
+/// [`stop`](Running::stop)ped through that value. Readiness is raised in one
+/// place, `start`, once the service answers on its queue, and lowered in one,
+/// `stop`, before anything stops; so `/readyz` and the `ready` of a status
+/// reply mean the same for every service, in its own process or in the
+/// standalone host.
+#[async_trait::async_trait]
+pub trait Service: Send + Sync {
+    /// The name it has on the bus and in logs (`provisioner`, …).
+    const NAME: &'static str;
+    type Running: Running;
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// Its readiness flag.
+    fn readiness(&self) -> &crate::telemetry::Health;
+
+    /// Starts the service's tasks and serves its queue; returns once it answers.
+    /// Implementations do this; callers use [`start`](Self::start).
+    async fn serve(&self) -> Result<Self::Running, Self::Error>;
+
+    /// Serves, then raises readiness.
+    async fn start(&self) -> Result<Self::Running, Self::Error> {
+        let running = self.serve().await?;
+        self.readiness().set_ready(true);
+        tracing::info!(
+            event = crate::telemetry::events::SERVICE_READY,
+            service = Self::NAME,
+            "ready"
+        );
+        Ok(running)
+    }
+}
+
+/// A started service: dropping it leaves its tasks running, so stop it.
+#[async_trait::async_trait]
+pub trait Running: Send + Sized {
+    /// The readiness flag of the service it runs.
+    fn readiness(&self) -> &crate::telemetry::Health;
+
+    /// Stops serving, then ends every task the service started (bounded).
+    /// Implementations do this; callers use [`stop`](Self::stop).
+    async fn halt(self);
+
+    /// Lowers readiness, then halts.
+    async fn stop(self) {
+        self.readiness().set_ready(false);
+        self.halt().await;
+    }
+}
+
+/// Runs `service` until `shutdown` resolves: start, wait, stop.
+pub async fn run_service<S, F>(service: &S, shutdown: F) -> Result<(), S::Error>
+where
+    S: Service,
+    F: std::future::Future<Output = ()> + Send,
+{
+    let running = service.start().await?;
+    shutdown.await;
+    running.stop().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod lifecycle_tests {
+    use super::*;
+    use crate::telemetry::Health;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[derive(Default)]
+    struct Counting {
+        ready: Health,
+        started: Arc<AtomicUsize>,
+        stopped: Arc<AtomicUsize>,
+        fail: bool,
+    }
+
+    struct CountingRunning {
+        ready: Health,
+        stopped: Arc<AtomicUsize>,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("refused to start")]
+    struct Refused;
+
+    #[async_trait::async_trait]
+    impl Service for Counting {
+        const NAME: &'static str = "counting";
+        type Running = CountingRunning;
+        type Error = Refused;
+        fn readiness(&self) -> &Health {
+            &self.ready
+        }
+        async fn serve(&self) -> Result<CountingRunning, Refused> {
+            if self.fail {
+                return Err(Refused);
+            }
+            assert!(!self.ready.is_ready(), "ready before serving");
+            self.started.fetch_add(1, Ordering::SeqCst);
+            Ok(CountingRunning {
+                ready: self.ready.clone(),
+                stopped: self.stopped.clone(),
+            })
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Running for CountingRunning {
+        fn readiness(&self) -> &Health {
+            &self.ready
+        }
+        async fn halt(self) {
+            assert!(!self.ready.is_ready(), "still ready while halting");
+            self.stopped.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn run_service_is_ready_between_start_and_stop_only() {
+        let svc = Counting::default();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let seen = svc.ready.clone();
+        let started = svc.started.clone();
+        let watcher = tokio::spawn(async move {
+            let until = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !seen.is_ready() {
+                assert!(tokio::time::Instant::now() < until, "never became ready");
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            assert_eq!(started.load(Ordering::SeqCst), 1, "ready before start");
+            let _ = tx.send(());
+        });
+        run_service(&svc, async {
+            let _ = rx.await;
+        })
+        .await
+        .expect("runs");
+        watcher.await.expect("watcher");
+        assert!(!svc.ready.is_ready(), "still ready after stop");
+        assert_eq!(svc.stopped.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_service_that_cannot_start_is_never_ready() {
+        let svc = Counting {
+            fail: true,
+            ..Counting::default()
+        };
+        let r = run_service(&svc, std::future::ready(())).await;
+        assert!(r.is_err());
+        assert!(!svc.ready.is_ready());
+        assert_eq!(svc.stopped.load(Ordering::SeqCst), 0);
+    }
+}

@@ -195,6 +195,8 @@ pub fn init_tracing(cfg: &TelemetryConfig) -> Result<(), TelemetryError> {
 pub mod events {
     /// A service finished starting and is serving.
     pub const SERVICE_STARTED: &str = "service_started";
+    /// A service answers on its queue and raised its readiness.
+    pub const SERVICE_READY: &str = "service_ready";
     /// The telemetry HTTP server is bound (`addr`); `epumgmt` finds services by it.
     pub const HTTP_LISTENING: &str = "http_listening";
     /// A service is shutting down.

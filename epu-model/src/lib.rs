@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backoff;
+pub mod health;
 pub mod lifecycle;
 pub mod messages;
 

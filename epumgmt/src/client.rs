@@ -8,10 +8,8 @@ use anyhow::Context;
 use epu_core::bus::amqp::AmqpBus;
 use epu_core::bus::socket::{SocketBus, SOCKET_FILE};
 use epu_core::bus::{Bus, BusOptions};
-use epu_core::wire::{Envelope, ErrorCode, ReplyError, RunName, Service};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
-use serde_json::Value;
+use epu_core::request::{self, Request};
+use epu_core::wire::{ErrorCode, ReplyError, RunName};
 
 use crate::plan::PlanTransport;
 use crate::rundir::{user_error, RunRecord};
@@ -60,29 +58,17 @@ impl Client {
         })
     }
 
-    /// A request; a service's typed error comes back as `Err(ReplyError)`.
-    pub async fn ask<B: Serialize, R: DeserializeOwned>(
-        &self,
-        to: Service,
-        op: epu_core::wire::Op,
-        body: &B,
-    ) -> Result<R, ReplyError> {
-        let env = Envelope::with_body(&self.run, op, "epumgmt", body)
-            .map_err(|e| ReplyError::bad_request(e.to_string()))?;
-        crate::deadline::waiting_for(format!("the {to}'s answer to {op}"));
-        let v: Value = self.bus.request(to, &env, self.timeout).await?;
-        serde_json::from_value(v)
-            .map_err(|e| ReplyError::internal(format!("unreadable answer from {to}: {e}")))
+    /// A typed request to its service; a service's typed error comes back as
+    /// `Err(ReplyError)`, and so does an answer that is not `R::Reply`.
+    pub async fn ask<R: Request>(&self, req: &R) -> Result<R::Reply, ReplyError> {
+        crate::deadline::waiting_for(format!("the {}'s answer to {}", R::TO, R::OP));
+        request::call(self.bus.as_ref(), "epumgmt", req, self.timeout).await
     }
 
     /// Like [`ask`](Self::ask), but a failure is an error for the operator.
-    pub async fn must<B: Serialize, R: DeserializeOwned>(
-        &self,
-        to: Service,
-        op: epu_core::wire::Op,
-        body: &B,
-    ) -> anyhow::Result<R> {
-        self.ask(to, op, body).await.map_err(|e| match e.code {
+    pub async fn must<R: Request>(&self, req: &R) -> anyhow::Result<R::Reply> {
+        let (to, op) = (R::TO, R::OP);
+        self.ask(req).await.map_err(|e| match e.code {
             ErrorCode::Timeout | ErrorCode::Unavailable => user_error(
                 EXIT_UNREACHABLE,
                 format!(

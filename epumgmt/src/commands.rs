@@ -1,12 +1,18 @@
 //! The operator's commands that talk to a live run: status, inspect, events,
 //! find-workers, reconfigure, list-runs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use epu_core::telemetry::{parse_event_line, EventRecord};
-use epu_core::wire::{Op, Service};
-use epu_model::messages::{DescribeNodesReply, DescribeNodesRequest, ReconfigureRequest};
+use epu_model::lifecycle::{Health, NodeState};
+use epu_model::messages::{
+    DecisionRecord, DescribeDomainRequest, DescribeNodesRequest, DomainDescription, DomainSummary,
+    FailReason, ListDomainsRequest, ReconfigureRequest,
+};
+use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use crate::client::Client;
@@ -55,21 +61,6 @@ pub fn render_table(headers: &[&str], rows: &[Vec<String>]) -> String {
         out.push('\n');
     }
     out
-}
-
-/// Prints JSON rows as a table: each column is (header, key in the row).
-fn table_of(rows: &[Value], columns: &[(&str, &str)]) {
-    print!("{}", render_table_of(rows, columns));
-}
-
-/// JSON rows as a table (see [`render_table`]); a missing or null key shows as `-`.
-fn render_table_of(rows: &[Value], columns: &[(&str, &str)]) -> String {
-    let headers: Vec<&str> = columns.iter().map(|(h, _)| *h).collect();
-    let cells: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| columns.iter().map(|(_, k)| s(&r[*k])).collect())
-        .collect();
-    render_table(&headers, &cells)
 }
 
 fn s(v: &Value) -> String {
@@ -124,13 +115,10 @@ pub async fn service_rows(rec: &RunRecord) -> Vec<Value> {
 
 pub async fn status(rec: &RunRecord, as_json: bool) -> anyhow::Result<()> {
     let services = service_rows(rec).await;
-    let domains: Option<Value> = if rec.supervisor_alive() {
+    let domains: Option<Vec<DomainSummary>> = if rec.supervisor_alive() {
         match Client::connect(rec).await {
             Ok(c) => {
-                let d = c
-                    .ask::<_, Value>(Service::Controller, Op::ListDomains, &json!({}))
-                    .await
-                    .ok();
+                let d = c.ask(&ListDomainsRequest {}).await.ok();
                 c.close().await;
                 d
             }
@@ -189,71 +177,101 @@ pub async fn status(rec: &RunRecord, as_json: bool) -> anyhow::Result<()> {
     );
     println!();
     match domains {
-        Some(Value::Array(ds)) => {
-            table_of(
-                &ds,
+        Some(ds) => {
+            let rows: Vec<Vec<String>> = ds
+                .iter()
+                .map(|d| {
+                    vec![
+                        d.domain.clone(),
+                        d.engine.clone(),
+                        d.engine_state.to_string(),
+                        d.desired.to_string(),
+                        d.running.to_string(),
+                        d.pending.to_string(),
+                        d.unhealthy.to_string(),
+                        cell(&d.backlog),
+                    ]
+                })
+                .collect();
+            table(
                 &[
-                    ("domain", "domain"),
-                    ("engine", "engine"),
-                    ("state", "engine_state"),
-                    ("desired", "desired"),
-                    ("running", "running"),
-                    ("pending", "pending"),
-                    ("unhealthy", "unhealthy"),
-                    ("backlog", "backlog"),
+                    "domain",
+                    "engine",
+                    "state",
+                    "desired",
+                    "running",
+                    "pending",
+                    "unhealthy",
+                    "backlog",
                 ],
+                &rows,
             );
         }
-        _ => println!("domains: the controller did not answer"),
+        None => println!("domains: the controller did not answer"),
     }
     Ok(())
 }
 
+/// One row of `inspect nodes` and `find-workers`.
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeRow {
+    pub node_id: String,
+    pub domain: String,
+    pub state: NodeState,
+    /// As the controller last heard it; UNKNOWN if its domain did not answer.
+    pub health: Health,
+    pub iaas_id: Option<String>,
+    pub launch_id: String,
+    pub driver: String,
+    pub reason: Option<FailReason>,
+    pub reason_detail: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    /// Local workers (`find-workers`): the worker's log file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_file: Option<PathBuf>,
+    /// Local workers (`find-workers`): whether its process lives.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub process_alive: Option<bool>,
+}
+
 /// Node rows: the provisioner's records, with health from the controller.
-pub async fn node_rows(c: &Client, domain: Option<&str>) -> anyhow::Result<Vec<Value>> {
+pub async fn node_rows(c: &Client, domain: Option<&str>) -> anyhow::Result<Vec<NodeRow>> {
     let req = DescribeNodesRequest {
         domain: domain.map(str::to_string),
         node_ids: vec![],
         live_only: false,
     };
-    let reply: DescribeNodesReply = c
-        .must(Service::Provisioner, Op::DescribeNodes, &req)
-        .await?;
-    let mut health: BTreeMap<String, Value> = BTreeMap::new();
-    let domains: BTreeMap<String, ()> =
-        reply.nodes.iter().map(|n| (n.domain.clone(), ())).collect();
-    for d in domains.keys() {
-        if let Ok(v) = c
-            .ask::<_, Value>(
-                Service::Controller,
-                Op::DescribeDomain,
-                &json!({"domain": d}),
-            )
-            .await
-        {
-            for n in v["nodes"].as_array().cloned().unwrap_or_default() {
-                health.insert(s(&n["node_id"]), n["health"].clone());
-            }
+    let reply = c.must(&req).await?;
+    let mut health: BTreeMap<String, Health> = BTreeMap::new();
+    let domains: BTreeSet<String> = reply.nodes.iter().map(|n| n.domain.clone()).collect();
+    for d in domains {
+        if let Ok(desc) = c.ask(&DescribeDomainRequest { domain: d }).await {
+            health.extend(desc.nodes.into_iter().map(|n| (n.node_id, n.health)));
         }
     }
     Ok(reply
         .nodes
-        .iter()
-        .map(|n| {
-            json!({
-                "node_id": n.node_id,
-                "domain": n.domain,
-                "state": n.state,
-                "health": health.get(&n.node_id).cloned().unwrap_or(json!("UNKNOWN")),
-                "iaas_id": n.iaas_id,
-                "launch_id": n.launch_id,
-                "driver": n.driver,
-                "reason": n.reason,
-                "reason_detail": n.reason_detail,
-                "since": n.since(),
-            })
+        .into_iter()
+        .map(|n| NodeRow {
+            health: health.get(&n.node_id).copied().unwrap_or_default(),
+            since: n.since(),
+            node_id: n.node_id,
+            domain: n.domain,
+            state: n.state,
+            iaas_id: n.iaas_id,
+            launch_id: n.launch_id,
+            driver: n.driver,
+            reason: n.reason,
+            reason_detail: n.reason_detail,
+            log_file: None,
+            process_alive: None,
         })
         .collect())
+}
+
+/// A value as a table cell: `-` for none, strings bare, the rest as JSON writes it.
+fn cell<T: Serialize>(v: &T) -> String {
+    serde_json::to_value(v).map_or_else(|_| "-".into(), |v| s(&v))
 }
 
 pub async fn inspect(
@@ -280,17 +298,32 @@ async fn inspect_with(
             if as_json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                let keys = [
-                    "node_id",
-                    "domain",
-                    "state",
-                    "health",
-                    "iaas_id",
-                    "launch_id",
-                    "reason",
-                ];
-                let cols: Vec<(&str, &str)> = keys.iter().map(|k| (*k, *k)).collect();
-                table_of(&rows, &cols);
+                let t: Vec<Vec<String>> = rows
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            r.node_id.clone(),
+                            r.domain.clone(),
+                            r.state.to_string(),
+                            r.health.to_string(),
+                            cell(&r.iaas_id),
+                            r.launch_id.clone(),
+                            cell(&r.reason),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &[
+                        "node_id",
+                        "domain",
+                        "state",
+                        "health",
+                        "iaas_id",
+                        "launch_id",
+                        "reason",
+                    ],
+                    &t,
+                );
             }
         }
         "domains" => {
@@ -299,23 +332,23 @@ async fn inspect_with(
                 println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
                 for d in out {
+                    let m = &d.summary;
                     println!(
                         "domain {}: engine {} ({}), desired {}, running {}, pending {}, unhealthy {}, backlog {}, dry_run {}, paused {}",
-                        s(&d["domain"]), s(&d["engine"]), s(&d["engine_state"]), s(&d["desired"]),
-                        s(&d["running"]), s(&d["pending"]), s(&d["unhealthy"]), s(&d["backlog"]),
-                        s(&d["dry_run"]), s(&d["paused"])
+                        m.domain, m.engine, m.engine_state, m.desired, m.running, m.pending,
+                        m.unhealthy, cell(&m.backlog), m.dry_run, m.paused
                     );
-                    println!("  config: {}", d["engine_conf"]);
-                    println!("  report: {}", d["report"]);
+                    println!("  config: {}", Value::Object(m.engine_conf.clone()));
+                    println!("  report: {}", serde_json::to_value(&d.report)?);
                 }
             }
         }
         "decisions" => {
-            let mut all = Vec::new();
-            for v in describe_domains(c, domain).await? {
-                all.extend(v["decisions"].as_array().cloned().unwrap_or_default());
+            let mut all: Vec<DecisionRecord> = Vec::new();
+            for d in describe_domains(c, domain).await? {
+                all.extend(d.decisions);
             }
-            all.sort_by(|a, b| s(&a["at"]).cmp(&s(&b["at"])));
+            all.sort_by_key(|d| d.at);
             if as_json {
                 println!("{}", serde_json::to_string_pretty(&all)?);
             } else {
@@ -323,24 +356,13 @@ async fn inspect_with(
                     .iter()
                     .map(|d| {
                         vec![
-                            s(&d["at"]),
-                            s(&d["domain"]),
-                            s(&d["engine"]),
-                            d["launched"]
-                                .as_array()
-                                .map(|a| a.len())
-                                .unwrap_or(0)
-                                .to_string(),
-                            d["destroyed"]
-                                .as_array()
-                                .map(|a| a.len())
-                                .unwrap_or(0)
-                                .to_string(),
-                            s(&d["desired"]),
-                            d["reasons"]
-                                .as_array()
-                                .map(|r| r.iter().map(s).collect::<Vec<_>>().join("; "))
-                                .unwrap_or_default(),
+                            cell(&d.at),
+                            d.domain.clone(),
+                            d.engine.clone(),
+                            d.launched.len().to_string(),
+                            d.destroyed.len().to_string(),
+                            d.desired.to_string(),
+                            d.reasons.join("; "),
                         ]
                     })
                     .collect();
@@ -364,17 +386,13 @@ async fn inspect_with(
 }
 
 /// `describe_domain` of the named domain, or of every domain of the run.
-async fn describe_domains(c: &Client, domain: Option<&str>) -> anyhow::Result<Vec<Value>> {
+async fn describe_domains(
+    c: &Client,
+    domain: Option<&str>,
+) -> anyhow::Result<Vec<DomainDescription>> {
     let mut out = Vec::new();
     for d in domain_names(c, domain).await? {
-        out.push(
-            c.must(
-                Service::Controller,
-                Op::DescribeDomain,
-                &json!({"domain": d}),
-            )
-            .await?,
-        );
+        out.push(c.must(&DescribeDomainRequest { domain: d }).await?);
     }
     Ok(out)
 }
@@ -383,13 +401,8 @@ async fn domain_names(c: &Client, domain: Option<&str>) -> anyhow::Result<Vec<St
     if let Some(d) = domain {
         return Ok(vec![d.to_string()]);
     }
-    let list: Value = c
-        .must(Service::Controller, Op::ListDomains, &json!({}))
-        .await?;
-    Ok(list
-        .as_array()
-        .map(|a| a.iter().map(|d| s(&d["domain"])).collect())
-        .unwrap_or_default())
+    let list = c.must(&ListDomainsRequest {}).await?;
+    Ok(list.into_iter().map(|d| d.domain).collect())
 }
 
 /// Every lifecycle event in the run's JSON logs, oldest first.
@@ -457,25 +470,22 @@ pub async fn find_workers(rec: &RunRecord, as_json: bool) -> anyhow::Result<()> 
     let c = Client::connect(rec).await?;
     let rows = node_rows(&c, None).await;
     c.close().await;
-    let rows: Vec<Value> = rows?
+    let rows: Vec<NodeRow> = rows?
         .into_iter()
-        .filter(|r| {
-            !r["state"]
-                .as_str()
-                .is_some_and(|s| matches!(s, "TERMINATED" | "FAILED" | "REJECTED"))
-        })
+        .filter(|r| !r.state.is_terminal())
         .map(|mut r| {
-            if r["driver"] == json!("local") {
-                let log = rec
-                    .run_dir
-                    .join("workers")
-                    .join(format!("{}.log", s(&r["node_id"])));
-                r["log_file"] = json!(log);
-                let alive = r["iaas_id"]
-                    .as_str()
-                    .and_then(|p| p.parse::<u32>().ok())
-                    .is_some_and(pid_alive);
-                r["process_alive"] = json!(alive);
+            if r.driver == "local" {
+                r.log_file = Some(
+                    rec.run_dir
+                        .join("workers")
+                        .join(format!("{}.log", r.node_id)),
+                );
+                r.process_alive = Some(
+                    r.iaas_id
+                        .as_deref()
+                        .and_then(|p| p.parse::<u32>().ok())
+                        .is_some_and(pid_alive),
+                );
             }
             r
         })
@@ -483,11 +493,25 @@ pub async fn find_workers(rec: &RunRecord, as_json: bool) -> anyhow::Result<()> 
     if as_json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        let keys = [
-            "node_id", "domain", "state", "driver", "iaas_id", "log_file",
-        ];
-        let cols: Vec<(&str, &str)> = keys.iter().map(|k| (*k, *k)).collect();
-        table_of(&rows, &cols);
+        let t: Vec<Vec<String>> = rows
+            .iter()
+            .map(|r| {
+                vec![
+                    r.node_id.clone(),
+                    r.domain.clone(),
+                    r.state.to_string(),
+                    r.driver.clone(),
+                    cell(&r.iaas_id),
+                    cell(&r.log_file),
+                ]
+            })
+            .collect();
+        table(
+            &[
+                "node_id", "domain", "state", "driver", "iaas_id", "log_file",
+            ],
+            &t,
+        );
     }
     Ok(())
 }
@@ -561,9 +585,7 @@ pub async fn reconfigure(
 ) -> anyhow::Result<()> {
     let req = reconfigure_request(domain, assignments)?;
     let c = Client::connect(rec).await?;
-    let r = c
-        .ask::<_, Value>(Service::Controller, Op::Reconfigure, &req)
-        .await;
+    let r = c.ask(&req).await;
     c.close().await;
     match r {
         Ok(v) => {
@@ -573,7 +595,10 @@ pub async fn reconfigure(
                     serde_json::to_string_pretty(&json!({"accepted": true, "domain": v}))?
                 );
             } else {
-                println!("accepted: domain {domain} now has {}", v["engine_conf"]);
+                println!(
+                    "accepted: domain {domain} now has {}",
+                    Value::Object(v.engine_conf)
+                );
             }
             Ok(())
         }
@@ -721,24 +746,25 @@ mod tests {
     }
 
     #[test]
-    fn json_tables_end_with_a_newline() {
-        let rows = vec![
-            json!({"node_id": "n1", "state": "RUNNING", "iaas_id": "123"}),
-            json!({"node_id": "n2", "state": "PENDING", "iaas_id": null}),
+    fn cells_show_none_as_a_dash_strings_bare_and_numbers_as_json_does() {
+        let table: &[(String, &str)] = &[
+            (cell(&None::<String>), "-"),
+            (cell(&Some("i-123")), "i-123"),
+            (cell(&Some(3.0_f64)), "3.0"),
+            (cell(&Some(FailReason::IaasFull)), "IAAS_FULL"),
+            (cell(&7_u64), "7"),
         ];
-        let t = render_table_of(
-            &rows,
-            &[
-                ("node_id", "node_id"),
-                ("state", "state"),
-                ("iaas_id", "iaas_id"),
-            ],
-        );
-        assert!(t.ends_with('\n'), "{t:?}");
+        for (got, want) in table {
+            assert_eq!(got, want);
+        }
+        let rows = vec![
+            vec!["n1".to_string(), "RUNNING".into(), cell(&Some("123"))],
+            vec!["n2".to_string(), "PENDING".into(), cell(&None::<String>)],
+        ];
+        let t = render_table(&["node_id", "state", "iaas_id"], &rows);
         assert_eq!(
             t,
             "NODE_ID  STATE    IAAS_ID\nn1       RUNNING  123\nn2       PENDING  -\n"
         );
-        assert!(render_table_of(&[], &[("node_id", "node_id")]).ends_with('\n'));
     }
 }

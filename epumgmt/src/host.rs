@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use decision_engines::Registry;
-use epu_controller::{load_policies, Controller, ControllerConfig, DomainPolicy};
+use epu_controller::{
+    load_policies, Controller, ControllerConfig, ControllerDeps, ControllerSetup,
+};
 use epu_core::bus::local::LocalBus;
 use epu_core::bus::socket::{SocketServer, SOCKET_FILE};
 use epu_core::bus::{BusMetrics, BusOptions};
@@ -16,33 +18,26 @@ use epu_core::config::{LogFormat, TelemetryConfig};
 use epu_core::store::SledStore;
 use epu_core::telemetry::{init_tracing, spawn_http, Health, Metrics};
 use epu_core::wire::RunName;
+use sensor_aggregator::DomainSensors;
 use serde_json::{json, Map, Value};
 
 use crate::plan::LaunchPlan;
 use crate::rundir::{write_private, RunRecord, RunState, ServiceRecord};
 
 /// The aggregator's per-domain sensor settings, from the domains' policies as the
-/// run `run` sees them (`{run}` and `{domain}` filled in).
+/// run `run` sees them (`{run}` and `{domain}` filled in): each policy's `health`
+/// and `sensors` in the aggregator's own type, as its config file's `domains`.
 pub fn sensor_domains(plan: &LaunchPlan, run: &str) -> anyhow::Result<Vec<Value>> {
     let registry = Registry::with_builtins();
     let policies = load_policies(&plan.domains, &registry, run)?;
-    Ok(policies.values().map(sensor_domain).collect())
-}
-
-fn sensor_domain(p: &DomainPolicy) -> Value {
-    let mut v = json!({
-        "name": p.name,
-        "boot_timeout_secs": p.health.boot_timeout_secs,
-        "missing_timeout_secs": p.health.missing_timeout_secs,
-        "zombie_secs": p.health.zombie_secs,
-    });
-    if let Some(q) = &p.sensors.queue {
-        v["queue"] = json!(q);
-    }
-    if let Some(b) = &p.sensors.broker_url {
-        v["broker_url"] = json!(b);
-    }
-    v
+    policies
+        .values()
+        .map(|p| {
+            let d = DomainSensors::from_policy(p.name.clone(), p.health, &p.sensors);
+            serde_json::to_value(d)
+                .with_context(|| format!("encoding the sensor settings of domain {}", p.name))
+        })
+        .collect()
 }
 
 /// A service's config: the plan's section with the run's own settings laid over.
@@ -119,13 +114,16 @@ pub async fn run_standalone(rec: &mut RunRecord, plan: &LaunchPlan) -> anyhow::R
     )?;
     let pcfg: provisioner::ProvisionerConfig = parse_config(praw, "provisioner")?;
     let drivers = provisioner::drivers_from_config(&pcfg, clock.clone()).await?;
-    let prov = provisioner::Provisioner::with_metrics(
+    let prov = provisioner::Provisioner::from_parts(
         pcfg,
-        Arc::new(bus.view(opts("provisioner"))),
-        open_store(&dir, "provisioner")?,
-        clock.clone(),
-        drivers,
-        metrics.clone(),
+        provisioner::ProvisionerDeps {
+            bus: Arc::new(bus.view(opts("provisioner"))),
+            store: open_store(&dir, "provisioner")?,
+            clock: clock.clone(),
+            drivers,
+            metrics: metrics.clone(),
+            readiness: Health::new(),
+        },
     )?;
     let prov_running = prov.start().await?;
 
@@ -139,10 +137,13 @@ pub async fn run_standalone(rec: &mut RunRecord, plan: &LaunchPlan) -> anyhow::R
         config_for(&plan.sensor_aggregator, afixed, "sensor_aggregator")?;
     let aggregator = sensor_aggregator::Aggregator::new(
         acfg,
-        Arc::new(bus.view(opts("sensor-aggregator"))),
-        open_store(&dir, "sensor-aggregator")?,
-        clock.clone(),
-        &metrics,
+        sensor_aggregator::AggregatorDeps {
+            bus: Arc::new(bus.view(opts("sensor-aggregator"))),
+            store: open_store(&dir, "sensor-aggregator")?,
+            clock: clock.clone(),
+            metrics: metrics.clone(),
+            readiness: Health::new(),
+        },
     )?;
     let agg_running = aggregator.start().await?;
 
@@ -152,18 +153,22 @@ pub async fn run_standalone(rec: &mut RunRecord, plan: &LaunchPlan) -> anyhow::R
     let ccfg: ControllerConfig = config_for(&plan.controller, cfixed, "controller")?;
     let registry = Registry::with_builtins();
     let policies = load_policies(&ccfg.policies, &registry, run.as_str())?;
-    let (_controller, ctl_server) = Controller::start(
-        run.clone(),
-        Arc::new(bus.view(opts("epu-controller"))),
-        open_store(&dir, "controller")?,
-        clock.clone(),
-        &metrics,
-        Health::new(),
-        registry,
-        policies,
-        ccfg.timing.clone(),
-    )
-    .await?;
+    let controller = Controller::new(
+        ControllerSetup {
+            run: run.clone(),
+            policies,
+            timing: ccfg.timing.clone(),
+        },
+        ControllerDeps {
+            bus: Arc::new(bus.view(opts("epu-controller"))),
+            store: open_store(&dir, "controller")?,
+            clock: clock.clone(),
+            metrics: metrics.clone(),
+            readiness: Health::new(),
+            registry,
+        },
+    )?;
+    let ctl_running = controller.start().await?;
     ready.set_ready(true);
 
     let pid = std::process::id();
@@ -186,7 +191,7 @@ pub async fn run_standalone(rec: &mut RunRecord, plan: &LaunchPlan) -> anyhow::R
     rec.state = RunState::Stopping;
     rec.save()?;
     ready.set_ready(false);
-    ctl_server.stop().await;
+    ctl_running.stop().await;
     agg_running.stop().await;
     prov_running.stop().await;
     socket.stop().await;

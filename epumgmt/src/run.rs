@@ -15,10 +15,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use epu_core::backoff::Backoff;
-use epu_core::wire::{Op, Service};
 use epu_model::messages::{
-    DescribeIaasReply, DescribeNodesReply, DescribeNodesRequest, TerminateAllReply,
-    TerminateAllRequest,
+    DescribeIaasReply, DescribeIaasRequest, DescribeNodesReply, DescribeNodesRequest,
+    TerminateAllReply, TerminateAllRequest,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -490,13 +489,7 @@ async fn through_provisioner(
             return out;
         }
     };
-    let first: Result<TerminateAllReply, _> = c
-        .ask(
-            Service::Provisioner,
-            Op::TerminateAll,
-            &TerminateAllRequest {},
-        )
-        .await;
+    let first: Result<TerminateAllReply, _> = c.ask(&TerminateAllRequest {}).await;
     match first {
         Ok(r) => {
             out.answered = true;
@@ -522,8 +515,7 @@ async fn through_provisioner(
             node_ids: vec![],
             live_only: true,
         };
-        let reply: Result<DescribeNodesReply, _> =
-            c.ask(Service::Provisioner, Op::DescribeNodes, &req).await;
+        let reply: Result<DescribeNodesReply, _> = c.ask(&req).await;
         match reply {
             Ok(r) => {
                 unanswered = 0;
@@ -572,9 +564,7 @@ async fn through_provisioner(
     if out.remaining.is_empty() && out.note.is_none() {
         // Asked at the IaaS by the provisioner itself, with its credentials. It is
         // disabled now: nothing can be launched after this answer.
-        let r: Result<DescribeIaasReply, _> = c
-            .ask(Service::Provisioner, Op::DescribeIaas, &json!({}))
-            .await;
+        let r: Result<DescribeIaasReply, _> = c.ask(&DescribeIaasRequest {}).await;
         out.iaas_clean =
             r.is_ok_and(|r| r.errors.is_empty() && r.instances.iter().all(|i| !i.alive));
     }

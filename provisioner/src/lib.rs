@@ -40,8 +40,9 @@
 //! ```
 //!
 //! See [`service`] for the launch path and the reconciliation rules, [`record`] for
-//! what is stored, [`driver`] for the drivers, [`metrics`] for the Prometheus metrics
-//! and [`config`] for the configuration.
+//! what is stored, [`driver`] for the drivers (built from a config by
+//! [`drivers_from_config`]), [`metrics`] for the Prometheus metrics and [`config`] for
+//! the configuration.
 #![forbid(unsafe_code)]
 
 pub mod config;
@@ -52,6 +53,6 @@ pub mod record;
 pub mod service;
 
 pub use config::{Failpoint, ProvisionerConfig};
-pub use driver::{Drivers, IaasDriver, IaasError, IaasErrorKind};
+pub use driver::{drivers_from_config, Drivers, IaasDriver, IaasError, IaasErrorKind};
 pub use error::ProvisionerError;
-pub use service::{drivers_from_config, FailpointAction, Provisioner, RunningProvisioner};
+pub use service::{FailpointAction, Provisioner, ProvisionerDeps, RunningProvisioner};

@@ -3,16 +3,14 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use epu_core::bus::BusMetrics;
 use epu_core::clock::SystemClock;
-use epu_core::service::{bus_options, connect_bus, shutdown_signal};
-use epu_core::store::SledStore;
-use epu_core::telemetry::{init_tracing, spawn_http, Metrics};
-use provisioner::{drivers_from_config, Provisioner, ProvisionerConfig};
+use epu_core::service::{run_service, shutdown_signal, ServiceBasics};
+use epu_core::telemetry::init_tracing;
+use provisioner::service::SENDER;
+use provisioner::{drivers_from_config, Provisioner, ProvisionerConfig, ProvisionerDeps};
 
 /// The epu provisioner: launches and terminates worker instances (local processes,
 /// EC2, simulated) for the run's controllers, and keeps their records.
@@ -43,44 +41,29 @@ async fn main() -> anyhow::Result<()> {
     let cfg: ProvisionerConfig = epu_core::config::load(args.config.as_deref(), &env)
         .context("cannot load the provisioner config")?;
     cfg.validate()?;
-    init_tracing(&cfg.telemetry)?;
     let clock = SystemClock::shared();
-    let drivers = drivers_from_config(&cfg, clock.clone()).await?;
     if args.check {
+        init_tracing(&cfg.telemetry)?;
+        let drivers = drivers_from_config(&cfg, clock.clone()).await?;
         println!("{cfg:#?}");
         println!("drivers: {}", drivers.names().join(", "));
         return Ok(());
     }
-
-    let metrics = Metrics::new();
-    let bus_metrics = BusMetrics::register(metrics.registry())?;
-    let opts = bus_options(&cfg.bus, "provisioner", bus_metrics);
-    let bus = connect_bus(&cfg.bus, &cfg.run, opts)
+    let basics = ServiceBasics::start(SENDER, &cfg.run, &cfg.bus, &cfg.telemetry, &cfg.store)
         .await
-        .context("cannot connect the bus")?;
-    let store = Arc::new(
-        SledStore::open(&cfg.store.path)
-            .with_context(|| format!("cannot open the store at {}", cfg.store.path.display()))?,
-    );
-    let http_addr = cfg.telemetry.http_addr;
-    let prov = Provisioner::with_metrics(cfg, bus, store, clock, drivers, metrics.clone())?;
-
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let http = match http_addr {
-        Some(addr) => {
-            let mut rx = stop_rx.clone();
-            let (_bound, task) = spawn_http(addr, metrics, prov.health().clone(), async move {
-                let _ = rx.changed().await;
-            })
-            .await?;
-            Some(task)
-        }
-        None => None,
-    };
-    prov.run(shutdown_signal()).await?;
-    let _ = stop_tx.send(true);
-    if let Some(task) = http {
-        let _ = task.await;
-    }
+        .context("cannot set the provisioner up")?;
+    let drivers = drivers_from_config(&cfg, clock.clone()).await?;
+    let prov = Provisioner::from_parts(
+        cfg,
+        ProvisionerDeps {
+            bus: basics.bus,
+            store: basics.store,
+            clock,
+            drivers,
+            metrics: basics.metrics,
+            readiness: basics.health,
+        },
+    )?;
+    run_service(&prov, shutdown_signal()).await?;
     Ok(())
 }

@@ -8,7 +8,6 @@
 //! dead-letter checks, handler, node table).
 #![forbid(unsafe_code)]
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,6 +25,7 @@ use epu_model::messages::{
     DescribeNodesReply, DescribeNodesRequest, Heartbeat, NodeRecord, WorkerState,
 };
 use epu_model::NodeState;
+use epu_testkit::node;
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -33,7 +33,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use sensor_aggregator::{Aggregator, AggregatorConfig, DomainSensors};
+use sensor_aggregator::{Aggregator, AggregatorConfig, AggregatorDeps, DomainSensors};
 use serde_json::json;
 
 const MESSAGES: usize = 50_000;
@@ -173,10 +173,13 @@ async fn aggregator_ingest_rate(run: &RunName, conn: &Connection, payloads: &[Ve
     let metrics = Metrics::new();
     let agg = Aggregator::new(
         cfg,
-        Arc::new(bus.clone()),
-        Arc::new(MemStore::new()),
-        SystemClock::shared(),
-        &metrics,
+        AggregatorDeps {
+            bus: Arc::new(bus.clone()),
+            store: Arc::new(MemStore::new()),
+            clock: SystemClock::shared(),
+            metrics: metrics.clone(),
+            readiness: Default::default(),
+        },
     )
     .expect("aggregator");
     let start = Instant::now();
@@ -205,24 +208,15 @@ async fn aggregator_ingest_rate(run: &RunName, conn: &Connection, payloads: &[Ve
 
 fn record(node_id: &str, run: &RunName) -> Option<NodeRecord> {
     let i: usize = node_id.strip_prefix("node-")?.parse().ok()?;
-    let now = Utc::now();
-    let mut times = BTreeMap::new();
-    times.insert(NodeState::Requesting, now);
-    times.insert(NodeState::Running, now);
-    Some(NodeRecord {
-        node_id: node_id.to_string(),
-        launch_id: format!("launch-{}", i / 10),
-        domain: format!("domain-{:03}", i % DOMAINS),
-        run: run.to_string(),
-        driver: "local".into(),
-        iaas_id: Some(format!("{}", 10_000 + i)),
-        addresses: vec![],
-        state: NodeState::Running,
-        reason: None,
-        reason_detail: None,
-        state_times: times,
-        vars: BTreeMap::new(),
-    })
+    Some(
+        node(&format!("domain-{:03}", i % DOMAINS), node_id)
+            .run(run)
+            .state(NodeState::Running)
+            .driver("local")
+            .launch(&format!("launch-{}", i / 10))
+            .iaas(&format!("{}", 10_000 + i))
+            .build(),
+    )
 }
 
 fn reported(agg: &Aggregator) -> usize {
@@ -292,10 +286,13 @@ fn memory_child() {
         }
         let agg = Aggregator::new(
             cfg,
-            Arc::new(bus.view(BusOptions::new("sensor-aggregator"))),
-            Arc::new(MemStore::new()),
-            SystemClock::shared(),
-            &Metrics::new(),
+            AggregatorDeps {
+                bus: Arc::new(bus.view(BusOptions::new("sensor-aggregator"))),
+                store: Arc::new(MemStore::new()),
+                clock: SystemClock::shared(),
+                metrics: Metrics::new(),
+                readiness: Default::default(),
+            },
         )
         .expect("aggregator");
         let running = agg.start().await.expect("start");

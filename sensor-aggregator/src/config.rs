@@ -22,18 +22,23 @@
 //! zombie_secs = 10
 //! ```
 //!
-//! A domain not listed here is still judged (with the defaults above) once the
-//! provisioner reports nodes of it; [`crate::Aggregator::set_domain`] adds or
-//! changes a domain at runtime.
+//! The three health keys are the domain policy's `[health]` ([`HealthPolicy`]),
+//! each a number of seconds above 0.
+//!
+//! A domain not listed here is still judged once the provisioner reports nodes of it
+//! (or its workers heartbeat): with the settings of its policy, which the aggregator
+//! asks the controller for (`describe_domain`; see [`crate::learn`]), and with the
+//! defaults above until the controller has answered. [`crate::Aggregator::set_domain`]
+//! adds or changes a domain at runtime; listed and set domains are never asked about.
 
 use std::time::Duration;
 
-use chrono::TimeDelta;
 use epu_core::config::{redact_url, BusConfig, Secret, StoreConfig, TelemetryConfig};
 use epu_core::wire::RunName;
+use epu_model::health::{HealthPolicy, SensorPolicy};
 use serde::{Deserialize, Serialize};
 
-use crate::health::HealthPolicy;
+use crate::health::Thresholds;
 
 /// The whole config.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -72,43 +77,33 @@ fn default_persist_interval_ms() -> u64 {
     1000
 }
 
-/// One domain's sensor settings.
+/// One domain's sensor settings. The health keys (`boot_timeout_secs`,
+/// `missing_timeout_secs`, `zombie_secs`) are the domain policy's own
+/// [`HealthPolicy`] (`epu_model::health`), flattened into the entry: one type, one
+/// set of defaults, one check (each a [`Secs`](epu_model::health::Secs): finite and
+/// above 0), whichever file they come from.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DomainSensors {
     pub name: String,
     /// The domain's work queue, measured by a passive declare.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<String>,
     /// The broker holding `queue`; default the bus's `amqp_url`. Never logged with
     /// its password.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub broker_url: Option<Secret>,
     /// How often the queue is measured (default 1 s).
     #[serde(default = "default_poll_secs")]
     pub poll_secs: f64,
-    /// A RUNNING node never heard from within this is MISSING (default 60 s).
-    #[serde(default = "default_boot_timeout_secs")]
-    pub boot_timeout_secs: f64,
-    /// A node silent for this long is MISSING (default 15 s).
-    #[serde(default = "default_missing_timeout_secs")]
-    pub missing_timeout_secs: f64,
-    /// A node heard more than this long after it was terminated is a ZOMBIE (default 10 s).
-    #[serde(default = "default_zombie_secs")]
-    pub zombie_secs: f64,
+    /// How the domain's workers are judged (defaults: boot 60 s, missing 15 s,
+    /// zombie 10 s).
+    #[serde(flatten)]
+    pub health: HealthPolicy,
 }
 
 fn default_poll_secs() -> f64 {
     1.0
-}
-fn default_boot_timeout_secs() -> f64 {
-    60.0
-}
-fn default_missing_timeout_secs() -> f64 {
-    15.0
-}
-fn default_zombie_secs() -> f64 {
-    10.0
 }
 
 impl std::fmt::Debug for DomainSensors {
@@ -121,9 +116,12 @@ impl std::fmt::Debug for DomainSensors {
                 &self.broker_url.as_ref().map(|u| redact_url(u.expose())),
             )
             .field("poll_secs", &self.poll_secs)
-            .field("boot_timeout_secs", &self.boot_timeout_secs)
-            .field("missing_timeout_secs", &self.missing_timeout_secs)
-            .field("zombie_secs", &self.zombie_secs)
+            .field("boot_timeout_secs", &self.health.boot_timeout_secs.get())
+            .field(
+                "missing_timeout_secs",
+                &self.health.missing_timeout_secs.get(),
+            )
+            .field("zombie_secs", &self.health.zombie_secs.get())
             .finish()
     }
 }
@@ -136,19 +134,30 @@ impl DomainSensors {
             queue: None,
             broker_url: None,
             poll_secs: default_poll_secs(),
-            boot_timeout_secs: default_boot_timeout_secs(),
-            missing_timeout_secs: default_missing_timeout_secs(),
-            zombie_secs: default_zombie_secs(),
+            health: HealthPolicy::DEFAULT,
         }
     }
 
-    /// The health thresholds.
-    pub fn health_policy(&self) -> HealthPolicy {
-        HealthPolicy {
-            boot_timeout: secs_delta(self.boot_timeout_secs),
-            missing_timeout: secs_delta(self.missing_timeout_secs),
-            zombie: secs_delta(self.zombie_secs),
+    /// A domain's settings from its policy's `health` and `sensors` (what `epumgmt`
+    /// writes into the aggregator's config at launch, and what the aggregator takes
+    /// from the controller's `describe_domain` for a domain it was not configured
+    /// with). The queue is measured at the default period.
+    pub fn from_policy(
+        name: impl Into<String>,
+        health: HealthPolicy,
+        sensors: &SensorPolicy,
+    ) -> Self {
+        DomainSensors {
+            queue: sensors.queue.clone(),
+            broker_url: sensors.broker_url.clone().map(Secret::new),
+            health,
+            ..DomainSensors::new(name)
         }
+    }
+
+    /// The health judge's thresholds for this domain.
+    pub fn thresholds(&self) -> Thresholds {
+        Thresholds::from(&self.health)
     }
 
     pub fn poll_interval(&self) -> Duration {
@@ -156,15 +165,13 @@ impl DomainSensors {
     }
 
     /// Checks the values; the message names the key (`domains[NAME].poll_secs`).
+    /// (The health settings are checked as they are read.)
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.name.trim().is_empty() {
             return Err(ConfigError::new("domains[].name", "must not be empty"));
         }
         let key = |k: &str| format!("domains[{}].{k}", self.name);
         positive(&key("poll_secs"), self.poll_secs)?;
-        non_negative(&key("boot_timeout_secs"), self.boot_timeout_secs)?;
-        non_negative(&key("missing_timeout_secs"), self.missing_timeout_secs)?;
-        non_negative(&key("zombie_secs"), self.zombie_secs)?;
         if self.queue.as_deref().is_some_and(|q| q.trim().is_empty()) {
             return Err(ConfigError::new(
                 &key("queue"),
@@ -175,11 +182,6 @@ impl DomainSensors {
     }
 }
 
-fn secs_delta(secs: f64) -> TimeDelta {
-    let ms = (secs.clamp(0.0, 1e9) * 1000.0).round() as i64;
-    TimeDelta::milliseconds(ms)
-}
-
 fn positive(key: &str, v: f64) -> Result<(), ConfigError> {
     if v.is_finite() && v > 0.0 {
         Ok(())
@@ -187,17 +189,6 @@ fn positive(key: &str, v: f64) -> Result<(), ConfigError> {
         Err(ConfigError::new(
             key,
             format!("{v} must be a number above 0"),
-        ))
-    }
-}
-
-fn non_negative(key: &str, v: f64) -> Result<(), ConfigError> {
-    if v.is_finite() && v >= 0.0 {
-        Ok(())
-    } else {
-        Err(ConfigError::new(
-            key,
-            format!("{v} must be a number, 0 or more"),
         ))
     }
 }
@@ -293,9 +284,66 @@ mod tests {
         assert_eq!(c.persist_interval_ms, 1000);
         let d = &c.domains[0];
         assert_eq!(d.poll_secs, 1.0);
-        assert_eq!(d.health_policy().missing_timeout, TimeDelta::seconds(15));
+        assert_eq!(
+            d.thresholds().missing_timeout,
+            chrono::TimeDelta::seconds(15)
+        );
         assert!(!format!("{c:?}").contains("hunter2"));
         c.validate().expect("valid");
+    }
+
+    /// The health keys of a `[[domains]]` entry: (the entry's extra lines, the
+    /// missing timeout it gets, or a fragment of the error).
+    #[test]
+    fn health_keys_are_the_policy_type_flattened() {
+        #[rustfmt::skip]
+        let cases: &[(&str, Result<f64, &str>)] = &[
+            ("",                               Ok(15.0)),
+            ("missing_timeout_secs = 1\n",     Ok(1.0)),
+            ("missing_timeout_secs = 0.5\nboot_timeout_secs = 3\nzombie_secs = 2\n", Ok(0.5)),
+            ("missing_timeout_secs = 0\n",     Err("0 is not a valid number of seconds")),
+            ("zombie_secs = -1\n",             Err("-1 is not a valid number of seconds")),
+            ("missing_timout_secs = 1\n",      Err("missing_timout_secs")),
+        ];
+        for (extra, want) in cases {
+            let text = format!("run = \"demo\"\n[[domains]]\nname = \"w\"\n{extra}");
+            match (want, load(&text)) {
+                (Ok(m), Ok(c)) => {
+                    c.validate().expect("valid");
+                    let d = &c.domains[0];
+                    assert_eq!(d.health.missing_timeout_secs.get(), *m, "{extra}");
+                    assert_eq!(
+                        d.thresholds().missing_timeout,
+                        chrono::TimeDelta::milliseconds((m * 1000.0) as i64)
+                    );
+                }
+                (Err(w), Err(e)) => assert!(e.to_string().contains(w), "{extra}: {e}"),
+                (w, g) => panic!("{extra:?}: wanted {w:?}, got {g:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn written_from_a_policy_it_reads_back_the_same() {
+        let health: HealthPolicy = serde_json::from_value(
+            serde_json::json!({"missing_timeout_secs": 4, "boot_timeout_secs": 20}),
+        )
+        .expect("health");
+        let sensors = SensorPolicy {
+            queue: Some("jobs.r1".into()),
+            broker_url: Some("amqp://u:pw@b/".into()),
+        };
+        let d = DomainSensors::from_policy("w", health, &sensors);
+        let v = serde_json::to_value(&d).expect("enc");
+        assert_eq!(v["missing_timeout_secs"], 4.0, "flat keys: {v}");
+        assert_eq!(v["zombie_secs"], 10.0, "{v}");
+        let back: DomainSensors = serde_json::from_value(v).expect("dec");
+        assert_eq!(back, d);
+        let no_queue = serde_json::to_value(DomainSensors::new("x")).expect("enc");
+        assert!(
+            no_queue.get("queue").is_none(),
+            "unset options are left out: {no_queue}"
+        );
     }
 
     #[test]

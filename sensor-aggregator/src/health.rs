@@ -17,24 +17,34 @@
 //! A node the provisioner does not know is judged on its heartbeats alone (rules 2–3).
 
 use chrono::{DateTime, TimeDelta, Utc};
+use epu_model::health::HealthPolicy;
 use epu_model::messages::WorkerState;
 use epu_model::{Health, NodeState};
 
-/// A domain's thresholds.
+/// A domain's thresholds as the judge uses them. Built from the domain's
+/// [`HealthPolicy`] (its policy's `[health]`, or the aggregator config's entry) by
+/// `From`, the one place the seconds become spans.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HealthPolicy {
+pub struct Thresholds {
     pub boot_timeout: TimeDelta,
     pub missing_timeout: TimeDelta,
     pub zombie: TimeDelta,
 }
 
-impl Default for HealthPolicy {
-    fn default() -> Self {
-        HealthPolicy {
-            boot_timeout: TimeDelta::seconds(60),
-            missing_timeout: TimeDelta::seconds(15),
-            zombie: TimeDelta::seconds(10),
+impl From<&HealthPolicy> for Thresholds {
+    fn from(p: &HealthPolicy) -> Self {
+        Thresholds {
+            boot_timeout: p.boot_timeout_secs.as_time_delta(),
+            missing_timeout: p.missing_timeout_secs.as_time_delta(),
+            zombie: p.zombie_secs.as_time_delta(),
         }
+    }
+}
+
+impl Default for Thresholds {
+    /// [`HealthPolicy::DEFAULT`]'s: boot 60 s, missing 15 s, zombie 10 s.
+    fn default() -> Self {
+        Thresholds::from(&HealthPolicy::DEFAULT)
     }
 }
 
@@ -59,7 +69,7 @@ pub struct LastHeard {
 pub fn judge(
     facts: Option<&NodeFacts>,
     heard: Option<LastHeard>,
-    policy: &HealthPolicy,
+    policy: &Thresholds,
     now: DateTime<Utc>,
 ) -> Health {
     if let Some(f) = facts {
@@ -140,7 +150,7 @@ mod tests {
     /// boot 60 s, missing 15 s, zombie 10 s.
     #[test]
     fn table() {
-        let p = HealthPolicy::default();
+        let p = Thresholds::default();
         use Health::*;
         #[rustfmt::skip]
         let cases: Vec<Case> = vec![
@@ -178,7 +188,7 @@ mod tests {
 
     #[test]
     fn zero_thresholds_are_strict() {
-        let p = HealthPolicy {
+        let p = Thresholds {
             boot_timeout: TimeDelta::zero(),
             missing_timeout: TimeDelta::zero(),
             zombie: TimeDelta::zero(),

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use epu_core::clock::SystemClock;
-use epu_core::service::{shutdown_signal, ServiceBasics};
-use sensor_aggregator::{Aggregator, AggregatorConfig, SENDER};
+use epu_core::service::{run_service, shutdown_signal, ServiceBasics};
+use sensor_aggregator::{Aggregator, AggregatorConfig, AggregatorDeps, SENDER};
 
 /// The sensor aggregator: gathers heartbeats and queue depths, judges worker
 /// health, and forwards readings to the controller.
@@ -30,21 +30,17 @@ async fn main() -> anyhow::Result<()> {
     cfg.validate()?;
     let basics =
         ServiceBasics::start(SENDER, &cfg.run, &cfg.bus, &cfg.telemetry, &cfg.store).await?;
-    let health = basics.health.clone();
-    let run = cfg.run.clone();
     let aggregator = Aggregator::new(
         cfg,
-        basics.bus.clone(),
-        basics.store.clone(),
-        SystemClock::shared(),
-        &basics.metrics,
+        AggregatorDeps {
+            bus: basics.bus,
+            store: basics.store,
+            clock: SystemClock::shared(),
+            metrics: basics.metrics,
+            readiness: basics.health,
+        },
     )?;
-    let running = aggregator.start().await?;
-    health.set_ready(true);
-    shutdown_signal().await;
-    tracing::info!(event = "service_stopping", service = SENDER, run = %run, "stopping");
-    health.set_ready(false);
-    running.stop().await;
+    run_service(&aggregator, shutdown_signal()).await?;
     tracing::info!(
         event = "service_stopped",
         service = SENDER,

@@ -21,22 +21,11 @@ use epu_core::config::redact_url;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
-use serde::Serialize;
 
 /// How long one connect or declare may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// What the last measurement found.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(tag = "status", rename_all = "snake_case")]
-pub enum QueueStatus {
-    /// Measured: this many ready messages.
-    Ok { ready: u64 },
-    /// The broker says the queue does not exist.
-    Missing,
-    /// The broker cannot be reached (or did not answer); the detail never holds a password.
-    Unreachable { error: String },
-}
+pub use epu_model::messages::QueueStatus;
 
 struct BrokerConn {
     conn: Option<Arc<Connection>>,

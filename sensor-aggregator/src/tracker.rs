@@ -10,7 +10,7 @@ use epu_model::messages::{Heartbeat, NodeHealth, NodeRecord, WorkerState};
 use epu_model::{Health, NodeState};
 use serde::{Deserialize, Serialize};
 
-use crate::health::{judge, HealthPolicy, LastHeard, NodeFacts};
+use crate::health::{judge, LastHeard, NodeFacts, Thresholds};
 
 /// The store tree of last-heard records, keyed by node id.
 pub const LAST_HEARD_TREE: &str = "sensor_last_heard";
@@ -91,7 +91,7 @@ impl NodeEntry {
         }
     }
 
-    fn judge(&self, policy: &HealthPolicy, now: DateTime<Utc>) -> Health {
+    fn judge(&self, policy: &Thresholds, now: DateTime<Utc>) -> Health {
         judge(
             self.facts.as_ref(),
             self.heard.as_ref().map(Heard::last),
@@ -121,8 +121,8 @@ pub struct DomainReading {
 pub struct Tracker {
     domains: HashMap<Arc<str>, DomainNodes>,
     index: HashMap<Arc<str>, Arc<str>>,
-    policies: HashMap<String, HealthPolicy>,
-    default_policy: HealthPolicy,
+    policies: HashMap<String, Thresholds>,
+    default_policy: Thresholds,
     dirty: HashSet<Arc<str>>,
     forgotten: Vec<Arc<str>>,
     live_gen: u64,
@@ -140,7 +140,7 @@ fn log_change(domain: &str, node_id: &str, from: Health, to: Health) {
 }
 
 impl Tracker {
-    pub fn new(default_policy: HealthPolicy) -> Self {
+    pub fn new(default_policy: Thresholds) -> Self {
         Tracker {
             domains: HashMap::new(),
             index: HashMap::new(),
@@ -153,7 +153,7 @@ impl Tracker {
     }
 
     /// Sets a domain's thresholds (judged with them from the next sweep on).
-    pub fn set_policy(&mut self, domain: &str, policy: HealthPolicy) {
+    pub fn set_policy(&mut self, domain: &str, policy: Thresholds) {
         self.policies.insert(domain.to_string(), policy);
     }
 
@@ -161,7 +161,7 @@ impl Tracker {
         self.policies.remove(domain);
     }
 
-    pub fn policy(&self, domain: &str) -> HealthPolicy {
+    pub fn policy(&self, domain: &str) -> Thresholds {
         self.policies
             .get(domain)
             .copied()
@@ -177,9 +177,18 @@ impl Tracker {
         self.index.is_empty()
     }
 
-    /// The domains that have nodes.
+    /// The domains that have nodes (or thresholds set).
     pub fn domains(&self) -> Vec<String> {
         self.domains.keys().map(|d| d.to_string()).collect()
+    }
+
+    /// The domains that have nodes now (known to the provisioner, heard, or both).
+    pub fn domains_with_nodes(&self) -> Vec<String> {
+        self.domains
+            .iter()
+            .filter(|(_, dn)| !dn.nodes.is_empty())
+            .map(|(d, _)| d.to_string())
+            .collect()
     }
 
     /// Finds the node (moving it when `domain` is authoritative and differs, or when
@@ -584,7 +593,7 @@ mod tests {
     }
 
     fn tracker() -> Tracker {
-        Tracker::new(HealthPolicy::default())
+        Tracker::new(Thresholds::default())
     }
 
     #[test]

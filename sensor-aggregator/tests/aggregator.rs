@@ -1,13 +1,10 @@
 //! The aggregator against the real broker (and once on the in-process bus).
 
-mod common;
-
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{TimeDelta, Utc};
-use common::*;
 use epu_core::bus::local::LocalBus;
 use epu_core::bus::Bus;
 use epu_core::clock::{Clock, ManualClock, SystemClock};
@@ -15,8 +12,13 @@ use epu_core::store::{MemStore, SledStore, Store};
 use epu_core::telemetry::Metrics;
 use epu_core::testing::{amqp_bus, amqp_url, test_options, test_run, wait_until};
 use epu_core::wire::{Envelope, Op, RunName, Service};
+use epu_model::health::Secs;
 use epu_model::messages::WorkerState;
 use epu_model::{Health, NodeState};
+use epu_testkit::{
+    declare_queue, health_of, heartbeat, lapin_conn, node, record_controller, send_heartbeat,
+    Cleanup, FakeProvisioner,
+};
 use futures_util::StreamExt;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
@@ -24,7 +26,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
 use sensor_aggregator::tracker::LAST_HEARD_TREE;
-use sensor_aggregator::{Aggregator, AggregatorConfig, DomainSensors};
+use sensor_aggregator::{Aggregator, AggregatorConfig, AggregatorDeps, DomainSensors};
 use serde_json::json;
 
 const EVENTUALLY: Duration = Duration::from_secs(15);
@@ -69,7 +71,9 @@ async fn backlog_is_ready_messages_plus_jobs_workers_hold() {
     let queue = format!("jobs.{run}");
     cleanup.queue(&queue);
     let conn = lapin_conn().await;
-    declare_queue(&conn, &queue).await;
+    declare_queue(&conn, &queue)
+        .await
+        .expect("declare the work queue");
     // Five "workers": prefetch 1, never ack.
     let mut workers = Vec::new();
     for i in 0..5 {
@@ -95,17 +99,22 @@ async fn backlog_is_ready_messages_plus_jobs_workers_hold() {
     }
 
     let test_bus = amqp_bus(&run, test_options("test")).await;
-    let (ctl, rec) = record_controller(&test_bus).await;
+    let (ctl, rec) = record_controller(&test_bus)
+        .await
+        .expect("serve the controller queue");
     let agg_bus = amqp_bus(&run, test_options("sensor-aggregator")).await;
     let mut d = DomainSensors::new("workers");
     d.queue = Some(queue.clone());
     d.poll_secs = 0.2;
     let agg = Aggregator::new(
         config(&run, vec![d]),
-        Arc::new(agg_bus.clone()),
-        Arc::new(MemStore::new()),
-        SystemClock::shared(),
-        &Metrics::new(),
+        AggregatorDeps {
+            bus: Arc::new(agg_bus.clone()),
+            store: Arc::new(MemStore::new()),
+            clock: SystemClock::shared(),
+            metrics: Metrics::new(),
+            readiness: Default::default(),
+        },
     )
     .expect("aggregator");
     let running = agg.start().await.expect("start");
@@ -114,7 +123,8 @@ async fn backlog_is_ready_messages_plus_jobs_workers_hold() {
             &test_bus,
             &heartbeat(&format!("w{i}"), "workers", 1, Utc::now()),
         )
-        .await;
+        .await
+        .expect("send a heartbeat");
     }
     let got = rec
         .wait_for(EVENTUALLY, |i| {
@@ -142,19 +152,26 @@ async fn a_growing_queue_reaches_the_controller_within_two_seconds() {
     let queue = format!("work.{run}");
     cleanup.queue(&queue);
     let conn = lapin_conn().await;
-    declare_queue(&conn, &queue).await;
+    declare_queue(&conn, &queue)
+        .await
+        .expect("declare the work queue");
     let test_bus = amqp_bus(&run, test_options("test")).await;
-    let (ctl, rec) = record_controller(&test_bus).await;
+    let (ctl, rec) = record_controller(&test_bus)
+        .await
+        .expect("serve the controller queue");
     let agg_bus = amqp_bus(&run, test_options("sensor-aggregator")).await;
     // The default period (1 s) meets the bound.
     let mut d = DomainSensors::new("grow");
     d.queue = Some(queue.clone());
     let agg = Aggregator::new(
         config(&run, vec![d]),
-        Arc::new(agg_bus.clone()),
-        Arc::new(MemStore::new()),
-        SystemClock::shared(),
-        &Metrics::new(),
+        AggregatorDeps {
+            bus: Arc::new(agg_bus.clone()),
+            store: Arc::new(MemStore::new()),
+            clock: SystemClock::shared(),
+            metrics: Metrics::new(),
+            readiness: Default::default(),
+        },
     )
     .expect("aggregator");
     let running = agg.start().await.expect("start");
@@ -196,7 +213,9 @@ async fn a_missing_queue_is_reported_then_measured_once_it_exists() {
     let queue = format!("late.{run}");
     cleanup.queue(&queue);
     let test_bus = amqp_bus(&run, test_options("test")).await;
-    let (ctl, rec) = record_controller(&test_bus).await;
+    let (ctl, rec) = record_controller(&test_bus)
+        .await
+        .expect("serve the controller queue");
     let agg_bus = amqp_bus(&run, test_options("sensor-aggregator")).await;
     let mut d = DomainSensors::new("late");
     d.queue = Some(queue.clone());
@@ -204,10 +223,13 @@ async fn a_missing_queue_is_reported_then_measured_once_it_exists() {
     let metrics = Metrics::new();
     let agg = Aggregator::new(
         config(&run, vec![d]),
-        Arc::new(agg_bus.clone()),
-        Arc::new(MemStore::new()),
-        SystemClock::shared(),
-        &metrics,
+        AggregatorDeps {
+            bus: Arc::new(agg_bus.clone()),
+            store: Arc::new(MemStore::new()),
+            clock: SystemClock::shared(),
+            metrics: metrics.clone(),
+            readiness: Default::default(),
+        },
     )
     .expect("aggregator");
     let running = agg.start().await.expect("start");
@@ -238,7 +260,9 @@ async fn a_missing_queue_is_reported_then_measured_once_it_exists() {
 
     // The probe's channel was closed by the 404; it reopens and finds the queue.
     let conn = lapin_conn().await;
-    declare_queue(&conn, &queue).await;
+    declare_queue(&conn, &queue)
+        .await
+        .expect("declare the work queue");
     publish(&conn, &queue, 3).await;
     let got = rec
         .wait_for(EVENTUALLY, |i| {
@@ -259,23 +283,25 @@ async fn malformed_heartbeats_are_dead_lettered_and_it_keeps_going() {
     let run = test_run("sa-dead");
     let _cleanup = Cleanup::new(&run);
     let test_bus = amqp_bus(&run, test_options("test")).await;
-    let (ctl, rec) = record_controller(&test_bus).await;
-    let nodes: Nodes = Arc::new(Mutex::new(vec![node(
-        "n1",
-        "d",
-        &run,
-        NodeState::Running,
-        Utc::now(),
-    )]));
-    let prov = fake_provisioner(&test_bus, nodes).await;
+    let (ctl, rec) = record_controller(&test_bus)
+        .await
+        .expect("serve the controller queue");
+    let prov = FakeProvisioner::builder()
+        .nodes([node("d", "n1").run(&run).build()])
+        .serve(Arc::new(test_bus.clone()))
+        .await
+        .expect("serve the fake provisioner");
     let agg_bus = amqp_bus(&run, test_options("sensor-aggregator")).await;
     let metrics = Metrics::new();
     let agg = Aggregator::new(
         config(&run, vec![DomainSensors::new("d")]),
-        Arc::new(agg_bus.clone()),
-        Arc::new(MemStore::new()),
-        SystemClock::shared(),
-        &metrics,
+        AggregatorDeps {
+            bus: Arc::new(agg_bus.clone()),
+            store: Arc::new(MemStore::new()),
+            clock: SystemClock::shared(),
+            metrics: metrics.clone(),
+            readiness: Default::default(),
+        },
     )
     .expect("aggregator");
     let running = agg.start().await.expect("start");
@@ -303,7 +329,9 @@ async fn malformed_heartbeats_are_dead_lettered_and_it_keeps_going() {
         .send(Service::SensorAggregator, &bad_body)
         .await
         .expect("send");
-    send_heartbeat(&test_bus, &good).await;
+    send_heartbeat(&test_bus, &good)
+        .await
+        .expect("send a heartbeat");
 
     let got = rec
         .wait_for(EVENTUALLY, |i| health_of(i, "n1") == Some(Health::Ok))
@@ -374,18 +402,20 @@ async fn a_restart_keeps_last_heard_times() {
     let clock = ManualClock::default();
     let t0 = clock.now();
     let test_bus = amqp_bus(&run, test_options("test")).await;
-    let (ctl, rec) = record_controller(&test_bus).await;
-    let nodes: Nodes = Arc::new(Mutex::new(vec![node(
-        "n1",
-        "d",
-        &run,
-        NodeState::Running,
-        t0 - TimeDelta::seconds(100),
-    )]));
-    let prov = fake_provisioner(&test_bus, nodes).await;
+    let (ctl, rec) = record_controller(&test_bus)
+        .await
+        .expect("serve the controller queue");
+    let prov = FakeProvisioner::builder()
+        .nodes([node("d", "n1")
+            .run(&run)
+            .at(t0 - TimeDelta::seconds(100))
+            .build()])
+        .serve(Arc::new(test_bus.clone()))
+        .await
+        .expect("serve the fake provisioner");
     let mut d = DomainSensors::new("d");
-    d.boot_timeout_secs = 1.0;
-    d.missing_timeout_secs = 5.0;
+    d.health.boot_timeout_secs = Secs::new(1.0).expect("valid seconds");
+    d.health.missing_timeout_secs = Secs::new(5.0).expect("valid seconds");
     let mut cfg = config(&run, vec![d]);
     cfg.persist_interval_ms = 50;
 
@@ -394,14 +424,19 @@ async fn a_restart_keeps_last_heard_times() {
     let agg_bus = amqp_bus(&run, test_options("sensor-aggregator")).await;
     let agg = Aggregator::new(
         cfg.clone(),
-        Arc::new(agg_bus.clone()),
-        store.clone(),
-        clock.shared(),
-        &Metrics::new(),
+        AggregatorDeps {
+            bus: Arc::new(agg_bus.clone()),
+            store: store.clone(),
+            clock: clock.shared(),
+            metrics: Metrics::new(),
+            readiness: Default::default(),
+        },
     )
     .expect("aggregator");
     let running = agg.start().await.expect("start");
-    send_heartbeat(&test_bus, &heartbeat("n1", "d", 0, t0)).await;
+    send_heartbeat(&test_bus, &heartbeat("n1", "d", 0, t0))
+        .await
+        .expect("send a heartbeat");
     assert!(
         wait_until(EVENTUALLY, || health_of(&agg.reading("d"), "n1")
             == Some(Health::Ok))
@@ -427,10 +462,13 @@ async fn a_restart_keeps_last_heard_times() {
     let agg_bus = amqp_bus(&run, test_options("sensor-aggregator")).await;
     let agg = Aggregator::new(
         cfg,
-        Arc::new(agg_bus.clone()),
-        store,
-        clock.shared(),
-        &Metrics::new(),
+        AggregatorDeps {
+            bus: Arc::new(agg_bus.clone()),
+            store,
+            clock: clock.shared(),
+            metrics: Metrics::new(),
+            readiness: Default::default(),
+        },
     )
     .expect("aggregator");
     let restarted = Instant::now();
@@ -518,22 +556,26 @@ async fn the_binary_survives_sigkill_with_its_last_heard_times() {
     )
     .expect("config");
     let test_bus = amqp_bus(&run, test_options("test")).await;
-    let (ctl, rec) = record_controller(&test_bus).await;
-    let nodes: Nodes = Arc::new(Mutex::new(vec![node(
-        "n1",
-        "d",
-        &run,
-        NodeState::Running,
-        Utc::now() - TimeDelta::seconds(60),
-    )]));
-    let prov = fake_provisioner(&test_bus, nodes).await;
+    let (ctl, rec) = record_controller(&test_bus)
+        .await
+        .expect("serve the controller queue");
+    let prov = FakeProvisioner::builder()
+        .nodes([node("d", "n1")
+            .run(&run)
+            .at(Utc::now() - TimeDelta::seconds(60))
+            .build()])
+        .serve(Arc::new(test_bus.clone()))
+        .await
+        .expect("serve the fake provisioner");
 
     let first = start_binary(&cfg_path, &log);
     let mut last_beat;
     let ok = {
         let deadline = Instant::now() + EVENTUALLY;
         loop {
-            send_heartbeat(&test_bus, &heartbeat("n1", "d", 0, Utc::now())).await;
+            send_heartbeat(&test_bus, &heartbeat("n1", "d", 0, Utc::now()))
+                .await
+                .expect("send a heartbeat");
             last_beat = Instant::now();
             if rec
                 .find(|i| health_of(i, "n1") == Some(Health::Ok))
@@ -595,34 +637,41 @@ async fn in_process_on_the_local_bus() {
     let clock = ManualClock::default();
     let t0 = clock.now();
     let bus = LocalBus::new(run.clone(), test_options("host"));
-    let (ctl, rec) = record_controller(&bus).await;
-    let nodes: Nodes = Arc::new(Mutex::new(vec![
-        node("a", "web", &run, NodeState::Running, t0),
-        node("b", "web", &run, NodeState::Running, t0),
-    ]));
-    let prov = fake_provisioner(&bus, nodes.clone()).await;
+    let (ctl, rec) = record_controller(&bus)
+        .await
+        .expect("serve the controller queue");
+    let prov = FakeProvisioner::builder()
+        .nodes(["a", "b"].map(|id| node("web", id).run(&run).at(t0).build()))
+        .serve(Arc::new(bus.clone()))
+        .await
+        .expect("serve the fake provisioner");
     let mut cfg = AggregatorConfig::new(run.clone());
     cfg.nodes_poll_secs = 0.05;
     let mut web = DomainSensors::new("web");
-    web.missing_timeout_secs = 5.0;
-    web.boot_timeout_secs = 30.0;
+    web.health.missing_timeout_secs = Secs::new(5.0).expect("valid seconds");
+    web.health.boot_timeout_secs = Secs::new(30.0).expect("valid seconds");
     cfg.domains.push(web.clone());
     let agg = Aggregator::new(
         cfg,
-        Arc::new(bus.view(test_options("sensor-aggregator"))),
-        Arc::new(MemStore::new()),
-        clock.shared(),
-        &Metrics::new(),
+        AggregatorDeps {
+            bus: Arc::new(bus.view(test_options("sensor-aggregator"))),
+            store: Arc::new(MemStore::new()),
+            clock: clock.shared(),
+            metrics: Metrics::new(),
+            readiness: Default::default(),
+        },
     )
     .expect("aggregator");
     let running = agg.start().await.expect("start");
 
-    send_heartbeat(&bus, &heartbeat("a", "web", 2, t0)).await;
+    send_heartbeat(&bus, &heartbeat("a", "web", 2, t0))
+        .await
+        .expect("send a heartbeat");
     let mut err = heartbeat("b", "web", 0, t0);
     err.state = WorkerState::ProcessError;
     err.exit_code = Some(3);
     err.stderr_tail = Some("boom\n".into());
-    send_heartbeat(&bus, &err).await;
+    send_heartbeat(&bus, &err).await.expect("send a heartbeat");
     let got = rec
         .wait_for(EVENTUALLY, |i| {
             health_of(i, "a") == Some(Health::Ok) && health_of(i, "b") == Some(Health::ProcessError)
@@ -651,7 +700,9 @@ async fn in_process_on_the_local_bus() {
             == Some(Health::Missing))
         .await
         .is_some());
-    send_heartbeat(&bus, &heartbeat("a", "web", 0, clock.now())).await;
+    send_heartbeat(&bus, &heartbeat("a", "web", 0, clock.now()))
+        .await
+        .expect("send a heartbeat");
     assert!(
         rec.wait_after(before, EVENTUALLY, |i| health_of(i, "a")
             == Some(Health::Ok))
@@ -659,7 +710,7 @@ async fn in_process_on_the_local_bus() {
             .is_some(),
         "an OK heartbeat clears MISSING"
     );
-    web.missing_timeout_secs = 1.0;
+    web.health.missing_timeout_secs = Secs::new(1.0).expect("valid seconds");
     agg.set_domain(web).expect("set_domain");
     let before = Instant::now();
     clock.advance(Duration::from_secs(2));
@@ -670,16 +721,20 @@ async fn in_process_on_the_local_bus() {
         .is_some());
 
     // A terminated node that keeps heartbeating past zombie_secs is a ZOMBIE.
-    {
-        let mut n = nodes.lock().expect("lock");
-        let mut gone = node("a", "web", &run, NodeState::Terminated, clock.now());
-        gone.state_times.insert(NodeState::Running, t0);
-        n[0] = gone;
-    }
+    prov.put(
+        node("web", "a")
+            .run(&run)
+            .state(NodeState::Terminated)
+            .at(clock.now())
+            .entered(NodeState::Running, t0)
+            .build(),
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     clock.advance(Duration::from_secs(11));
     let before = Instant::now();
-    send_heartbeat(&bus, &heartbeat("a", "web", 0, clock.now())).await;
+    send_heartbeat(&bus, &heartbeat("a", "web", 0, clock.now()))
+        .await
+        .expect("send a heartbeat");
     assert!(rec
         .wait_after(before, EVENTUALLY, |i| health_of(i, "a")
             == Some(Health::Zombie))

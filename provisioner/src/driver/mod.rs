@@ -7,6 +7,8 @@
 //! * `ec2::Ec2Driver` — EC2 or an EC2-compatible API (feature `ec2`). Only that module
 //!   knows the AWS SDK.
 //!
+//! [`drivers_from_config`] builds the drivers a config turns on.
+//!
 //! A driver knows nothing of node records, the store or the bus: it launches, terminates
 //! and lists instances, and (where it can) tells the provisioner at once when one exits.
 //! The provisioner owns every decision.
@@ -23,6 +25,7 @@
 //! * Errors are [`IaasError`]s with a [`IaasErrorKind`]; the provisioner retries the
 //!   retryable kinds with `epu_core::backoff::retry`. Drivers never retry on their own.
 
+mod from_config;
 pub mod local;
 pub mod sim;
 
@@ -37,6 +40,8 @@ use async_trait::async_trait;
 use epu_core::wire::RunName;
 use epu_model::messages::{Deployable, FailReason};
 use tokio::sync::mpsc;
+
+pub use from_config::drivers_from_config;
 
 /// What to launch: one batch (one launch) of nodes with one idempotency token.
 #[derive(Clone, Debug)]

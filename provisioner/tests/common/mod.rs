@@ -8,10 +8,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use epu_core::bus::{Bus, FnHandler, Incoming, Server};
+use epu_core::bus::{Bus, Server};
 use epu_core::wire::{Envelope, Op, ReplyError, RunName, Service};
 use epu_model::messages::{Deployable, NodeRecord};
 use epu_model::NodeState;
+use epu_testkit::record_instance_info;
 use provisioner::driver::{
     IaasDriver, IaasError, InstanceRef, InstanceState, LaunchOutcome, LaunchRequest,
     LaunchedInstance, ListedInstance, TerminateOutcome,
@@ -27,25 +28,9 @@ pub struct Subscriber {
 impl Subscriber {
     /// Serves the controller queue of `bus`.
     pub async fn start(bus: &dyn Bus) -> Subscriber {
-        let seen: Arc<Mutex<Vec<(Instant, NodeRecord)>>> = Arc::new(Mutex::new(Vec::new()));
-        let s = seen.clone();
-        let handler = FnHandler(move |msg: Incoming| {
-            let s = s.clone();
-            async move {
-                let at = Instant::now();
-                if msg.envelope.op == Op::InstanceInfo {
-                    let rec: NodeRecord = msg.envelope.parse_body()?;
-                    s.lock().expect("lock").push((at, rec));
-                }
-                Ok::<Value, ReplyError>(json!({}))
-            }
-        });
-        let server = bus
-            .serve(Service::Controller, Arc::new(handler))
-            .await
-            .expect("serve controller");
+        let (server, rec) = record_instance_info(bus).await.expect("serve controller");
         Subscriber {
-            seen,
+            seen: rec.0,
             server: Some(server),
         }
     }
@@ -103,23 +88,9 @@ impl Subscriber {
     }
 }
 
-/// Polls an async condition every 20 ms.
-pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if check().await {
-            return;
-        }
-        if Instant::now() > deadline {
-            panic!("timed out after {timeout:?} waiting for: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+/// Polls an async condition every 20 ms (the kit's; not every test binary uses it).
+#[allow(unused_imports)]
+pub use epu_testkit::eventually;
 
 /// Sends a request to the provisioner and returns the result.
 pub async fn call(bus: &dyn Bus, run: &RunName, op: Op, body: Value) -> Result<Value, ReplyError> {

@@ -11,6 +11,9 @@ use serde_json::{Map, Value};
 
 use crate::lifecycle::{Health, NodeState};
 
+mod replies;
+pub use replies::*;
+
 // ---------------------------------------------------------------- provisioner
 
 /// What to launch: the driver and its settings. The `driver` tag picks the variant,
@@ -323,13 +326,6 @@ pub struct ReconfigureRequest {
     pub dry_run: Option<bool>,
     #[serde(default)]
     pub paused: Option<bool>,
-}
-
-/// `remove_domain` (signed), `describe_domain`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DomainRef {
-    pub domain: String,
 }
 
 #[cfg(test)]
