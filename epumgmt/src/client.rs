@@ -1,5 +1,6 @@
 //! Reaching a run's services: through the standalone host's socket or RabbitMQ,
 //! the same requests either way.
+//! `http_status` probes a service's own HTTP endpoints (`/readyz`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -93,4 +94,25 @@ impl Client {
         self.timeout = timeout;
         self
     }
+}
+
+/// GET `path` on a service's HTTP address; the status code, if it answered.
+pub async fn http_status(addr: &str, path: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fut = async {
+        let mut c = tokio::net::TcpStream::connect(addr).await.ok()?;
+        c.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: epu\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .ok()?;
+        let mut buf = Vec::new();
+        c.read_to_end(&mut buf).await.ok()?;
+        let text = String::from_utf8_lossy(&buf);
+        text.split_whitespace().nth(1)?.parse().ok()
+    };
+    tokio::time::timeout(Duration::from_secs(2), fut)
+        .await
+        .ok()
+        .flatten()
 }

@@ -6,8 +6,10 @@ mod client;
 mod commands;
 mod deadline;
 mod host;
+mod inspect;
+mod killrun;
+mod launch;
 mod plan;
-mod run;
 mod rundir;
 mod teardown;
 
@@ -146,19 +148,19 @@ enum Cmd {
 
 async fn dispatch(cmd: Cmd, limit: Duration) -> anyhow::Result<()> {
     match cmd {
-        Cmd::Launch { plan, run } => run::launch(&plan, run.as_deref(), limit).await,
-        Cmd::Status { run, json } => commands::status(&resolve(run.as_deref())?, json).await,
+        Cmd::Launch { plan, run } => launch::launch(&plan, run.as_deref(), limit).await,
+        Cmd::Status { run, json } => inspect::status(&resolve(run.as_deref())?, json).await,
         Cmd::Inspect {
             what,
             run,
             domain,
             json,
-        } => commands::inspect(&resolve(run.as_deref())?, &what, domain.as_deref(), json).await,
+        } => inspect::inspect(&resolve(run.as_deref())?, &what, domain.as_deref(), json).await,
         Cmd::Events { run, kind, json } => {
             commands::events(&resolve(run.as_deref())?, kind.as_deref(), json)
         }
         Cmd::FindWorkers { run, json } => {
-            commands::find_workers(&resolve(run.as_deref())?, json).await
+            inspect::find_workers(&resolve(run.as_deref())?, json).await
         }
         Cmd::Reconfigure {
             run,
@@ -166,9 +168,11 @@ async fn dispatch(cmd: Cmd, limit: Duration) -> anyhow::Result<()> {
             settings,
             json,
         } => commands::reconfigure(&resolve(run.as_deref())?, &domain, &settings, json).await,
-        Cmd::Killrun { run, json } => run::killrun(&resolve(run.as_deref())?, limit, json).await,
+        Cmd::Killrun { run, json } => {
+            killrun::killrun(&resolve(run.as_deref())?, limit, json).await
+        }
         Cmd::ListRuns { json } => commands::list(json),
-        Cmd::Supervise { run_dir } => run::supervise(&run_dir).await,
+        Cmd::Supervise { run_dir } => launch::supervise(&run_dir).await,
     }
 }
 

@@ -147,6 +147,22 @@ pub fn pid_alive(pid: u32) -> bool {
     }
 }
 
+/// Whether `pid` is alive and is a process of the run in `run_dir`: its command line
+/// names the run directory (the supervisor's `--run-dir`, a service's `--config`).
+/// A PID the kernel has given to another process since is not ours to signal.
+pub fn run_process_alive(pid: u32, run_dir: &Path) -> bool {
+    if !pid_alive(pid) {
+        return false;
+    }
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let dir = run_dir.as_os_str().as_encoded_bytes();
+    cmdline
+        .split(|b| *b == 0)
+        .any(|arg| arg.windows(dir.len().max(1)).any(|w| w == dir))
+}
+
 /// Every run directory with a record, sorted by name.
 pub fn list_runs() -> Vec<RunRecord> {
     let mut out = Vec::new();

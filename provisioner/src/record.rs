@@ -50,6 +50,17 @@ pub struct StoredNode {
     pub incarnation: Option<String>,
 }
 
+impl StoredNode {
+    /// A node whose `instance_info` goes to the controller, no incarnation known.
+    pub fn for_controller(record: NodeRecord) -> Self {
+        StoredNode {
+            record,
+            subscriber: Service::Controller,
+            incarnation: None,
+        }
+    }
+}
+
 /// A launch as stored, before the IaaS is called.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StoredLaunch {
@@ -287,26 +298,14 @@ mod tests {
     use epu_model::messages::{Ec2Deployable, LocalDeployable, SimDeployable};
 
     fn node(state: NodeState) -> StoredNode {
-        let mut times = BTreeMap::new();
-        times.insert(state, DateTime::<Utc>::UNIX_EPOCH);
-        StoredNode {
-            record: NodeRecord {
-                node_id: "n".into(),
-                launch_id: "l".into(),
-                domain: "d".into(),
-                run: "r".into(),
-                driver: "sim".into(),
-                iaas_id: None,
-                addresses: vec![],
-                state,
-                reason: None,
-                reason_detail: None,
-                state_times: times,
-                vars: BTreeMap::new(),
-            },
-            subscriber: Service::Controller,
-            incarnation: None,
-        }
+        StoredNode::for_controller(
+            epu_testkit::records::node("d", "n")
+                .run("r")
+                .launch("l")
+                .state(state)
+                .at(DateTime::<Utc>::UNIX_EPOCH)
+                .build(),
+        )
     }
 
     #[test]

@@ -576,20 +576,14 @@ mod tests {
         state: NodeState,
         times: &[(NodeState, i64)],
     ) -> NodeRecord {
-        NodeRecord {
-            node_id: node.into(),
-            launch_id: "l".into(),
-            domain: domain.into(),
-            run: "r".into(),
-            driver: "local".into(),
-            iaas_id: None,
-            addresses: vec![],
-            state,
-            reason: None,
-            reason_detail: None,
-            state_times: times.iter().map(|(s, at)| (*s, t(*at))).collect(),
-            vars: Default::default(),
-        }
+        let mut rec = epu_testkit::records::node(domain, node)
+            .run("r")
+            .launch("l")
+            .driver("local")
+            .state(state)
+            .build();
+        rec.state_times = times.iter().map(|(s, at)| (*s, t(*at))).collect();
+        rec
     }
 
     fn tracker() -> Tracker {

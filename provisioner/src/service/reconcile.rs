@@ -471,7 +471,7 @@ mod tests {
     use chrono::TimeZone;
     use epu_core::clock::{Clock, ManualClock};
     use epu_core::wire::Service;
-    use epu_model::messages::{Deployable, NodeRecord};
+    use epu_model::messages::Deployable;
     use std::time::Duration;
 
     use crate::driver::InstanceFailure;
@@ -495,24 +495,16 @@ mod tests {
 
     /// Node `id` of `launch` on the `sim` driver.
     fn named(id: &str, launch: &str, state: NodeState, iaas: Option<&str>) -> StoredNode {
-        StoredNode {
-            record: NodeRecord {
-                node_id: id.into(),
-                launch_id: launch.into(),
-                domain: "d".into(),
-                run: "r".into(),
-                driver: "sim".into(),
-                iaas_id: iaas.map(str::to_string),
-                addresses: Vec::new(),
-                state,
-                reason: None,
-                reason_detail: None,
-                state_times: BTreeMap::new(),
-                vars: BTreeMap::new(),
-            },
-            subscriber: Service::Controller,
-            incarnation: None,
+        let mut b = epu_testkit::records::node("d", id)
+            .run("r")
+            .launch(launch)
+            .state(state);
+        if let Some(i) = iaas {
+            b = b.iaas(i);
         }
+        let mut rec = b.build();
+        rec.state_times.clear();
+        StoredNode::for_controller(rec)
     }
 
     /// Node `n1` of launch `l1`.

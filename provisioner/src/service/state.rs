@@ -325,7 +325,6 @@ mod tests {
     use epu_core::clock::ManualClock;
     use epu_core::store::{MemStore, Store, StoreExt};
     use epu_core::wire::RunName;
-    use std::collections::BTreeMap;
 
     use super::*;
     use crate::config::ProvisionerConfig;
@@ -400,24 +399,13 @@ mod tests {
     }
 
     fn running(id: &str) -> StoredNode {
-        StoredNode {
-            record: NodeRecord {
-                node_id: id.into(),
-                launch_id: "l1".into(),
-                domain: "d".into(),
-                run: "state-test".into(),
-                driver: "sim".into(),
-                iaas_id: Some("i-1".into()),
-                addresses: Vec::new(),
-                state: NodeState::Running,
-                reason: None,
-                reason_detail: None,
-                state_times: BTreeMap::new(),
-                vars: BTreeMap::new(),
-            },
-            subscriber: Service::Controller,
-            incarnation: None,
-        }
+        let mut rec = epu_testkit::records::node("d", id)
+            .run("state-test")
+            .launch("l1")
+            .iaas("i-1")
+            .build();
+        rec.state_times.clear();
+        StoredNode::for_controller(rec)
     }
 
     /// A state holding one RUNNING node `n1`, missing since `t(0)`, with an early exit.
