@@ -200,20 +200,8 @@ impl Hosted {
     /// end; a task still deciding after that is aborted.
     pub(crate) async fn stop_domains(&self, within: Duration) {
         self.domains.lock().await.clear();
-        let mut set = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            match tokio::time::timeout_at(deadline, set.join_next()).await {
-                Ok(Some(_)) => continue,
-                Ok(None) => break,
-                Err(_) => {
-                    tracing::warn!("domain tasks did not end in {within:?}; aborting them");
-                    set.abort_all();
-                    while set.join_next().await.is_some() {}
-                    break;
-                }
-            }
-        }
+        let set = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        epu_core::service::join_within(set, within, "domain tasks").await;
     }
 }
 

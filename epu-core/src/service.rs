@@ -213,6 +213,28 @@ where
     Ok(())
 }
 
+/// Waits up to `within` for every task of `set` to end, then aborts the rest
+/// (logging that `what` did not finish): how a running service ends its tasks.
+pub async fn join_within(
+    mut set: tokio::task::JoinSet<()>,
+    within: std::time::Duration,
+    what: &str,
+) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, set.join_next()).await {
+            Ok(Some(_)) => continue,
+            Ok(None) => return,
+            Err(_) => {
+                tracing::warn!("{what} did not finish in {within:?}; stopping them");
+                set.abort_all();
+                while set.join_next().await.is_some() {}
+                return;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod lifecycle_tests {
     use super::*;
@@ -291,6 +313,33 @@ mod lifecycle_tests {
         watcher.await.expect("watcher");
         assert!(!svc.ready.is_ready(), "still ready after stop");
         assert_eq!(svc.stopped.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn join_within_waits_for_tasks_then_aborts_the_stuck_ones() {
+        let done = Arc::new(AtomicUsize::new(0));
+        let mut set = tokio::task::JoinSet::new();
+        let d = done.clone();
+        set.spawn(async move {
+            d.fetch_add(1, Ordering::SeqCst);
+        });
+        set.spawn(std::future::pending::<()>());
+        let started = tokio::time::Instant::now();
+        join_within(set, std::time::Duration::from_millis(200), "test tasks").await;
+        let took = started.elapsed();
+        assert_eq!(
+            done.load(Ordering::SeqCst),
+            1,
+            "the quick task ran to its end"
+        );
+        assert!(
+            took >= std::time::Duration::from_millis(200),
+            "returned before the deadline: {took:?}"
+        );
+        assert!(
+            took < std::time::Duration::from_secs(5),
+            "the stuck task was not aborted: {took:?}"
+        );
     }
 
     #[tokio::test]

@@ -59,7 +59,7 @@ use chrono::TimeDelta;
 use epu_core::backoff::Backoff;
 use epu_core::bus::{Bus, Handler, Server};
 use epu_core::clock::SharedClock;
-use epu_core::service::{run_service, Running, Service};
+use epu_core::service::{join_within, run_service, Running, Service};
 use epu_core::store::SharedStore;
 use epu_core::telemetry::{events, Health, Metrics};
 use epu_core::wire::{ReplyError, RunName, Service as BusService};
@@ -447,20 +447,8 @@ impl RunningProvisioner {
             server.stop().await;
         }
         let _ = inner.life.stopping.send(true);
-        let mut set = std::mem::take(&mut *lock(&inner.life.tasks));
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            match tokio::time::timeout_at(deadline, set.join_next()).await {
-                Ok(Some(_)) => continue,
-                Ok(None) => break,
-                Err(_) => {
-                    tracing::warn!("provisioner tasks did not finish in 10 s; stopping them");
-                    set.abort_all();
-                    while set.join_next().await.is_some() {}
-                    break;
-                }
-            }
-        }
+        let set = std::mem::take(&mut *lock(&inner.life.tasks));
+        join_within(set, Duration::from_secs(10), "provisioner tasks").await;
     }
 
     /// Crash, for tests: stop taking messages and kill every task at once, with no
