@@ -19,6 +19,11 @@
 //! domain is asked again every [`REFRESH_EVERY`] (so a domain removed and added
 //! again with other settings is picked up). A domain whose nodes are all gone is
 //! forgotten; its nodes come back, it is asked again.
+//!
+//! A broker password never comes in a reply (the controller shows it as `***`):
+//! a learned domain whose sensors name a broker that needs a password gets a
+//! probe that fails, reported as unreachable (never read as 0), until the
+//! aggregator's own config names that domain.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};

@@ -852,3 +852,24 @@ async fn a_removal_the_store_refuses_keeps_the_domain_running() {
         "the task ended"
     );
 }
+
+#[tokio::test]
+async fn a_description_never_carries_a_broker_password() {
+    let mut p = policy(false, false);
+    p.sensors.queue = Some("jobs".into());
+    p.sensors.broker_url = Some("amqp://worker:s3cret@broker:5672/%2f".into());
+    let h = Harness::new(p, Control::new(), vec![]);
+    let described = h.domain.describe();
+    let text = serde_json::to_string(&described).expect("encode");
+    assert!(!text.contains("s3cret"), "{text}");
+    assert_eq!(
+        described.sensors.broker_url.as_deref(),
+        Some("amqp://worker:***@broker:5672/%2f")
+    );
+    assert_eq!(described.policy["sensors"]["queue"], "jobs");
+    assert_eq!(
+        h.domain.policy.sensors.broker_url.as_deref(),
+        Some("amqp://worker:s3cret@broker:5672/%2f"),
+        "the controller itself keeps the real URL"
+    );
+}

@@ -2,10 +2,22 @@
 //! answer to `add_domain` and `reconfigure`) and its description
 //! (`describe_domain`), as the typed replies of `epu_model::messages`.
 
+use epu_core::config::redact_url;
+use epu_model::health::SensorPolicy;
 use epu_model::messages::{DomainDescription, DomainNode, DomainSummary};
 use epu_model::NodeState;
 
 use super::{Domain, NodeView};
+use crate::policy::DomainPolicy;
+
+/// A domain's sensors as a reply shows them: a broker password never leaves the
+/// controller in a reply (it is `***`).
+fn shown(sensors: &SensorPolicy) -> SensorPolicy {
+    SensorPolicy {
+        broker_url: sensors.broker_url.as_deref().map(redact_url),
+        ..sensors.clone()
+    }
+}
 
 /// Live nodes by what they count as: (running, pending, unhealthy, terminating).
 type Counts = (usize, usize, usize, usize);
@@ -72,8 +84,12 @@ impl Domain {
             summary: self.summary(),
             report: self.engine.report(),
             health: self.policy.health,
-            sensors: self.policy.sensors.clone(),
-            policy: serde_json::to_value(&self.policy).unwrap_or_default(),
+            sensors: shown(&self.policy.sensors),
+            policy: serde_json::to_value(DomainPolicy {
+                sensors: shown(&self.policy.sensors),
+                ..self.policy.clone()
+            })
+            .unwrap_or_default(),
             nodes,
             decisions: self.decisions.iter().cloned().collect(),
         }
@@ -90,6 +106,22 @@ mod tests {
         let mut v = NodeView::new(node("d", "n").state(state).build());
         v.health = health;
         v
+    }
+
+    #[test]
+    fn a_broker_password_is_never_shown() {
+        let s = SensorPolicy {
+            queue: Some("jobs".into()),
+            broker_url: Some("amqp://worker:s3cret@broker:5672/%2f".into()),
+        };
+        let shown = shown(&s);
+        assert_eq!(shown.queue.as_deref(), Some("jobs"));
+        assert_eq!(
+            shown.broker_url.as_deref(),
+            Some("amqp://worker:***@broker:5672/%2f")
+        );
+        let none = SensorPolicy::default();
+        assert_eq!(super::shown(&none), none);
     }
 
     #[test]
