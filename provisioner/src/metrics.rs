@@ -3,7 +3,7 @@
 //! | metric | kind | labels |
 //! |---|---|---|
 //! | `epu_provisioner_nodes` | gauge: node records by state | `state` |
-//! | `epu_provisioner_launches_total` | counter: launches by outcome (`ok`, `failed`, `rejected`) | `driver`, `outcome` |
+//! | `epu_provisioner_launches_total` | counter: launches by outcome (`ok`, `failed`, `rejected` while disabled, `refused`) | `driver`, `outcome` |
 //! | `epu_provisioner_nodes_launched_total` | counter: instances launched | `driver` |
 //! | `epu_provisioner_terminations_total` | counter: instances asked to terminate | `driver` |
 //! | `epu_provisioner_zombies_terminated_total` | counter | `driver` |

@@ -195,6 +195,14 @@ fn valid_var_name(name: &str) -> bool {
 /// Checks a `provision` request beyond what its types check. The error is the
 /// `bad_request` message.
 pub fn validate_request(req: &ProvisionRequest) -> Result<(), String> {
+    validate_shape(req)?;
+    validate_deployable(req)
+}
+
+/// The checks without which no node can be recorded: the launch id, the domain,
+/// the count and node ids, the var names. A request failing them is answered
+/// `bad_request` and leaves nothing behind.
+pub fn validate_shape(req: &ProvisionRequest) -> Result<(), String> {
     valid_id("launch_id", &req.launch_id)?;
     if req.domain.trim().is_empty() {
         return Err("domain must not be empty".into());
@@ -231,6 +239,16 @@ pub fn validate_request(req: &ProvisionRequest) -> Result<(), String> {
             ));
         }
     }
+    if let Some(sub) = &req.subscriber {
+        parse_subscriber(sub)?;
+    }
+    Ok(())
+}
+
+/// The checks of what the request asks to launch (its deployable). A request of
+/// good shape failing them is a refusal the provisioner records (its nodes
+/// REJECTED with REQUEST_REFUSED), so the requester learns it from `instance_info`.
+pub fn validate_deployable(req: &ProvisionRequest) -> Result<(), String> {
     match &req.deployable {
         Deployable::Local(l) => {
             if l.command.trim().is_empty() {
@@ -276,9 +294,6 @@ pub fn validate_request(req: &ProvisionRequest) -> Result<(), String> {
                 }
             }
         }
-    }
-    if let Some(sub) = &req.subscriber {
-        parse_subscriber(sub)?;
     }
     Ok(())
 }
@@ -372,6 +387,65 @@ mod tests {
         })
     }
 
+    fn ec2(image: &str, user_data: Option<&str>, reserved_tag: bool) -> Deployable {
+        let mut tags = BTreeMap::new();
+        if reserved_tag {
+            tags.insert("epu:run".to_string(), "x".to_string());
+        }
+        Deployable::Ec2(Ec2Deployable {
+            image: image.into(),
+            instance_type: "t3.micro".into(),
+            key_name: None,
+            subnet: None,
+            security_groups: vec![],
+            iam_profile: None,
+            user_data: user_data.map(str::to_string),
+            tags,
+        })
+    }
+
+    #[test]
+    fn shape_errors_leave_nothing_deployable_errors_are_refusals() {
+        // (case, request, a shape error?, a deployable error?)
+        let mut dup = req(local(), 2);
+        dup.node_ids = vec!["a".into(), "a".into()];
+        let mut bad_sub = req(local(), 1);
+        bad_sub.subscriber = Some("nobody".into());
+        let empty_command = req(
+            Deployable::Local(LocalDeployable {
+                command: " ".into(),
+                args: vec![],
+                env: BTreeMap::new(),
+                cwd: None,
+            }),
+            1,
+        );
+        let table: Vec<(&str, ProvisionRequest, bool, bool)> = vec![
+            ("good", req(local(), 2), false, false),
+            ("count 0", req(local(), 0), true, false),
+            ("duplicate node ids", dup, true, false),
+            ("unknown subscriber", bad_sub, true, false),
+            ("empty command", empty_command, false, true),
+            (
+                "reserved tag",
+                req(ec2("ami-1", None, true), 1),
+                false,
+                true,
+            ),
+            (
+                "unknown template variable",
+                req(ec2("ami-1", Some("{{nope}}"), false), 1),
+                false,
+                true,
+            ),
+        ];
+        for (case, r, shape, deployable) in table {
+            assert_eq!(validate_shape(&r).is_err(), shape, "{case}");
+            assert_eq!(validate_deployable(&r).is_err(), deployable, "{case}");
+            assert_eq!(validate_request(&r).is_err(), shape || deployable, "{case}");
+        }
+    }
+
     #[test]
     fn requests_are_checked() {
         assert!(validate_request(&req(local(), 2)).is_ok());
@@ -395,23 +469,11 @@ mod tests {
         assert!(validate_request(&r)
             .expect_err("sub")
             .contains("subscriber"));
-        let ec2 = |image: &str, user_data: Option<&str>| {
-            Deployable::Ec2(Ec2Deployable {
-                image: image.into(),
-                instance_type: "t3.micro".into(),
-                key_name: None,
-                subnet: None,
-                security_groups: vec![],
-                iam_profile: None,
-                user_data: user_data.map(str::to_string),
-                tags: BTreeMap::new(),
-            })
-        };
-        assert!(validate_request(&req(ec2(" ", None), 1))
+        assert!(validate_request(&req(ec2(" ", None, false), 1))
             .expect_err("image")
             .contains("image"));
-        assert!(validate_request(&req(ec2("ami-1", Some("{{nope}}")), 1)).is_err());
-        assert!(validate_request(&req(ec2("ami-1", Some("{{node_id}}")), 1)).is_ok());
+        assert!(validate_request(&req(ec2("ami-1", Some("{{nope}}"), false), 1)).is_err());
+        assert!(validate_request(&req(ec2("ami-1", Some("{{node_id}}"), false), 1)).is_ok());
         let sim = Deployable::Sim(SimDeployable {
             boot_secs: Some(-1.0),
             failure_rate: None,

@@ -187,7 +187,7 @@ async fn finish(client: AmqpBus, other: AmqpBus) {
 }
 
 #[tokio::test]
-async fn bad_provision_requests_get_bad_request_and_launch_nothing() {
+async fn bad_provision_requests_get_bad_request_and_launch_nothing_refusals_are_recorded() {
     let _serial = SERIAL.lock().await;
     let run = test_run("local-bad");
     let _cleanup = Cleanup(run.clone());
@@ -237,16 +237,57 @@ async fn bad_provision_requests_get_bad_request_and_launch_nothing() {
             "allowed_commands",
         ),
     ];
-    for (body, needle) in bad {
+    for (body, needle) in &bad {
         let e = call(&client, &run, Op::Provision, body.clone())
             .await
             .expect_err("refused");
         assert_eq!(e.code, ErrorCode::BadRequest, "{body}: {e:?}");
         assert!(e.message.contains(needle), "{body}: {}", e.message);
     }
-    assert!(describe(&client, &run).await.is_empty());
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(sub.count(), 0, "no instance_info for refused requests");
+    // A request whose shape is wrong (a, b, c) leaves nothing; one the provisioner
+    // refuses for what it asks (d: empty command, e: sim not enabled, f: command
+    // not allowed) is a fact: its node is REJECTED with REQUEST_REFUSED and the
+    // reason, reported to the subscriber and listed.
+    let refused = ["d", "e", "f"];
+    for (body, needle) in &bad {
+        let launch = body["launch_id"].as_str().unwrap_or_default();
+        let listed: Vec<NodeRecord> = describe(&client, &run)
+            .await
+            .into_iter()
+            .filter(|n| n.launch_id == launch)
+            .collect();
+        if !refused.contains(&launch) {
+            assert!(listed.is_empty(), "{body}: {listed:?}");
+            continue;
+        }
+        assert_eq!(listed.len(), 1, "{body}: {listed:?}");
+        let n = &listed[0];
+        assert_eq!(n.state, NodeState::Rejected, "{body}");
+        assert_eq!(n.reason, Some(FailReason::RequestRefused), "{body}");
+        let detail = n.reason_detail.clone().unwrap_or_default();
+        assert!(detail.contains(needle), "{body}: {detail}");
+        sub.wait_state(&n.node_id, NodeState::Rejected, Duration::from_secs(10))
+            .await;
+    }
+    assert_eq!(
+        sub.count(),
+        refused.len(),
+        "one instance_info per refused node"
+    );
+    let metrics = prov.metrics().encode().expect("metrics");
+    let counted: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("epu_provisioner_launches_total"))
+        .filter(|l| l.contains("outcome=\"refused\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(counted, refused.len() as u64, "refusals counted: {metrics}");
+    // A resend of a refused launch is answered with its REJECTED node, nothing more.
+    let again = call(&client, &run, Op::Provision, bad[5].0.clone())
+        .await
+        .expect("a known launch id is answered");
+    assert_eq!(again["nodes"][0]["state"], "REJECTED");
+    assert_eq!(describe(&client, &run).await.len(), refused.len());
     assert!(scan_workers(run.as_str()).is_empty());
     running.stop().await;
     sub.stop().await;

@@ -209,6 +209,10 @@ pub enum FailReason {
     ProcessExited,
     /// The sim driver's configured failure.
     SimulatedFailure,
+    /// The provisioner refused the request itself (a driver it does not enable, a
+    /// command not allowed, a reserved tag, an unknown template variable); the
+    /// detail says which.
+    RequestRefused,
 }
 
 /// A node as the provisioner records and reports it (`instance_info` body).

@@ -25,19 +25,54 @@ use crate::driver::{
     IaasDriver, IaasError, IaasErrorKind, InstanceRef, InstanceState, LaunchOutcome, LaunchRequest,
 };
 use crate::record::{
-    awaits_launch, launch_key, node_key, parse_subscriber, validate_request, StoredLaunch,
-    StoredNode, Update, TREE,
+    awaits_launch, launch_key, node_key, parse_subscriber, validate_deployable, validate_shape,
+    StoredLaunch, StoredNode, Update, TREE,
 };
 
+/// What becomes of a `provision` of good shape.
+#[derive(Clone, Debug, PartialEq)]
+enum Outcome {
+    /// Launched.
+    Requested,
+    /// Refused while the provisioner is disabled (`terminate_all`).
+    Disabled,
+    /// Refused for what it asks (the reason).
+    Refused(String),
+}
+
+impl Outcome {
+    /// The state, reason and detail its nodes are recorded with.
+    fn node_state(&self) -> (NodeState, Option<FailReason>, Option<String>) {
+        match self {
+            Outcome::Requested => (NodeState::Requesting, None, None),
+            Outcome::Disabled => (
+                NodeState::Rejected,
+                Some(FailReason::ProvisionerDisabled),
+                Some(
+                    "the provisioner is disabled (terminate_all); send enable to provision again"
+                        .into(),
+                ),
+            ),
+            Outcome::Refused(why) => (
+                NodeState::Rejected,
+                Some(FailReason::RequestRefused),
+                Some(why.clone()),
+            ),
+        }
+    }
+}
+
 impl Inner {
-    /// `provision`: checks the request, answers a known launch id with its nodes, else
-    /// stores the launch and its nodes (REQUESTING, or REJECTED while disabled) and
-    /// drives it in the background.
+    /// `provision`: checks the request's shape, answers a known launch id with its
+    /// nodes, else stores the launch and its nodes — REQUESTING; REJECTED
+    /// (PROVISIONER_DISABLED) while disabled; REJECTED (REQUEST_REFUSED) when the
+    /// provisioner refuses what it asks for, which is then also the `bad_request`
+    /// answer — and drives a requested launch in the background.
     pub(super) async fn provision(
         &self,
         req: ProvisionRequest,
     ) -> Result<ProvisionReply, ReplyError> {
-        let subscriber = self.check_request(&req)?;
+        let subscriber = self.check_shape(&req)?;
         let driver = req.deployable.driver();
         let mut st = self.state.lock().await;
         if let Some(existing) = st.launches.get(&req.launch_id) {
@@ -52,12 +87,7 @@ impl Inner {
                 nodes,
             });
         }
-        if self.deps.drivers.get(driver).is_none() {
-            return Err(ReplyError::bad_request(format!(
-                "driver {driver:?} is not enabled in this provisioner (enabled: {})",
-                self.deps.drivers.names().join(", ")
-            )));
-        }
+        let refused = self.refusal(&req).err();
         let node_ids: Vec<String> = if req.node_ids.is_empty() {
             (0..req.count).map(|_| Uuid::new_v4().to_string()).collect()
         } else {
@@ -71,9 +101,14 @@ impl Inner {
                 )));
             }
         }
-        let enabled = st.enabled;
+        let outcome = match (&refused, st.enabled) {
+            (Some(why), _) => Outcome::Refused(why.clone()),
+            (None, false) => Outcome::Disabled,
+            (None, true) => Outcome::Requested,
+        };
+        let enabled = matches!(outcome, Outcome::Requested);
         let (launch, nodes) =
-            self.new_launch(&req, subscriber, node_ids, enabled, self.deps.clock.now());
+            self.new_launch(&req, subscriber, node_ids, &outcome, self.deps.clock.now());
         // Write-ahead: the launch and its nodes are durable before the IaaS hears of it.
         let items = encode_launch(&launch, &nodes)?;
         self.store_batch(items).await.map_err(|e| {
@@ -100,6 +135,20 @@ impl Inner {
                 "launch stored; asking the IaaS"
             );
             st.in_flight.insert(req.launch_id.clone());
+        } else if let Some(why) = &refused {
+            self.deps
+                .metrics
+                .launches
+                .with_label_values(&[driver, "refused"])
+                .inc();
+            tracing::warn!(
+                event = "launch_refused",
+                launch_id = %req.launch_id,
+                domain = %req.domain,
+                reason = "REQUEST_REFUSED",
+                detail = %why,
+                "provision refused: nodes REJECTED"
+            );
         } else {
             self.deps
                 .metrics
@@ -115,6 +164,9 @@ impl Inner {
             );
         }
         drop(st);
+        if let Some(why) = refused {
+            return Err(ReplyError::bad_request(why));
+        }
         if enabled {
             if let Some(me) = self.me() {
                 let id = req.launch_id.clone();
@@ -127,42 +179,51 @@ impl Inner {
         })
     }
 
-    /// The checks that need no state: the request's shape, its subscriber, and the
-    /// local command allow-list. Returns where `instance_info` goes.
-    fn check_request(&self, req: &ProvisionRequest) -> Result<Service, ReplyError> {
-        validate_request(req).map_err(ReplyError::bad_request)?;
-        let subscriber = match &req.subscriber {
-            Some(s) => parse_subscriber(s).map_err(ReplyError::bad_request)?,
-            None => Service::Controller,
-        };
+    /// The checks without which nothing can be recorded: the request's shape and
+    /// its subscriber. Returns where `instance_info` goes.
+    fn check_shape(&self, req: &ProvisionRequest) -> Result<Service, ReplyError> {
+        validate_shape(req).map_err(ReplyError::bad_request)?;
+        match &req.subscriber {
+            Some(s) => parse_subscriber(s).map_err(ReplyError::bad_request),
+            None => Ok(Service::Controller),
+        }
+    }
+
+    /// Why this provisioner refuses what the request asks to launch, if it does: a
+    /// bad deployable, a driver it does not enable, a local command not allowed.
+    fn refusal(&self, req: &ProvisionRequest) -> Result<(), String> {
+        validate_deployable(req)?;
+        let driver = req.deployable.driver();
+        if self.deps.drivers.get(driver).is_none() {
+            return Err(format!(
+                "driver {driver:?} is not enabled in this provisioner (enabled: {})",
+                self.deps.drivers.names().join(", ")
+            ));
+        }
         if let (Deployable::Local(l), Some(allowed)) =
             (&req.deployable, &self.settings.allowed_commands)
         {
             if !allowed.contains(&l.command) {
-                return Err(ReplyError::bad_request(format!(
+                return Err(format!(
                     "command {:?} is not in drivers.local.allowed_commands",
                     l.command
-                )));
+                ));
             }
         }
-        Ok(subscriber)
+        Ok(())
     }
 
-    /// The launch to store (with a fresh token) and its nodes, in REQUESTING when
-    /// `enabled`, else REJECTED with PROVISIONER_DISABLED.
+    /// The launch to store (with a fresh token) and its nodes: REQUESTING when
+    /// requested, else REJECTED with the outcome's reason.
     fn new_launch(
         &self,
         req: &ProvisionRequest,
         subscriber: Service,
         node_ids: Vec<String>,
-        enabled: bool,
+        outcome: &Outcome,
         now: DateTime<Utc>,
     ) -> (StoredLaunch, Vec<StoredNode>) {
-        let state = if enabled {
-            NodeState::Requesting
-        } else {
-            NodeState::Rejected
-        };
+        let (state, reason, detail) = outcome.node_state();
         let driver = req.deployable.driver();
         let nodes = node_ids
             .iter()
@@ -176,11 +237,8 @@ impl Inner {
                     iaas_id: None,
                     addresses: Vec::new(),
                     state,
-                    reason: (!enabled).then_some(FailReason::ProvisionerDisabled),
-                    reason_detail: (!enabled).then(|| {
-                        "the provisioner is disabled (terminate_all); send enable to provision again"
-                            .to_string()
-                    }),
+                    reason,
+                    reason_detail: detail.clone(),
                     state_times: BTreeMap::from([(state, now)]),
                     vars: req.vars.clone(),
                 },

@@ -1,6 +1,10 @@
-//! A domain added at runtime (`add_domain`) is judged by the sensor aggregator with
-//! its own health settings, not the defaults: the aggregator, meeting a domain it
-//! was not configured with, takes `health` from the controller's `describe_domain`.
+//! Domains added at runtime (`add_domain`), on the services wired in one process:
+//! - a domain is judged by the sensor aggregator with its own health settings, not
+//!   the defaults: the aggregator, meeting a domain it was not configured with,
+//!   takes `health` from the controller's `describe_domain`;
+//! - a launch the provisioner refuses (here: a driver it does not enable) is a fact:
+//!   its nodes reach the controller REJECTED with the reason, they stop counting as
+//!   capacity, and the domain backs off.
 //!
 //! Wired as the standalone host wires it (provisioner, controller and aggregator on
 //! one in-process bus), with the provisioner's `sim` driver (virtual instances,
@@ -12,18 +16,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use decision_engines::Registry;
-use epu_controller::{Controller, ControllerDeps, ControllerSetup, Timing};
+use epu_controller::{Controller, ControllerDeps, ControllerSetup, RunningController, Timing};
 use epu_core::bus::local::LocalBus;
 use epu_core::bus::Bus;
 use epu_core::clock::SystemClock;
+use epu_core::request;
 use epu_core::store::MemStore;
 use epu_core::telemetry::{Health as Ready, Metrics};
 use epu_core::testing::{test_options, test_run};
 use epu_core::wire::{Envelope, Op, RunName, Service};
-use epu_model::messages::{Heartbeat, WorkerState};
-use epu_model::Health;
+use epu_model::messages::{DescribeDomainRequest, EngineState, FailReason, Heartbeat, WorkerState};
+use epu_model::{Health, NodeState};
 use provisioner::driver::sim::{SimDriver, SimSettings};
-use provisioner::{Drivers, Provisioner, ProvisionerConfig};
+use provisioner::{Drivers, Provisioner, ProvisionerConfig, RunningProvisioner};
 use sensor_aggregator::{Aggregator, AggregatorConfig, AggregatorDeps};
 use serde_json::json;
 
@@ -69,14 +74,16 @@ fn health_of(agg: &Aggregator, domain: &str, node_id: &str) -> Option<Health> {
         .map(|n| n.health)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn add_domain_health_settings_reach_the_aggregator() {
-    let run = test_run("add-health");
-    let bus = LocalBus::new(run.clone(), test_options("host"));
-    let dir = tempfile::tempdir().expect("temp dir");
+/// The provisioner with the `sim` driver only (virtual instances, RUNNING after
+/// 0.1 s), as the standalone host wires it.
+async fn start_provisioner(
+    bus: &LocalBus,
+    run: &RunName,
+    dir: &std::path::Path,
+) -> RunningProvisioner {
     let mut pcfg = ProvisionerConfig::new(run.clone());
     pcfg.poll_interval_secs = 0.2;
-    pcfg.run_dir = dir.path().join("run");
+    pcfg.run_dir = dir.join("run");
     let mut drivers = Drivers::new();
     drivers.insert(Arc::new(SimDriver::new(
         SystemClock::shared(),
@@ -94,24 +101,11 @@ async fn add_domain_health_settings_reach_the_aggregator() {
         drivers,
     )
     .expect("provisioner");
-    let prov_running = prov.start().await.expect("provisioner starts");
+    prov.start().await.expect("provisioner starts")
+}
 
-    // The aggregator knows no domain: its config lists none, as for a domain added
-    // after launch.
-    let mut acfg = AggregatorConfig::new(run.clone());
-    acfg.nodes_poll_secs = 0.1;
-    let agg = Aggregator::new(
-        acfg,
-        AggregatorDeps {
-            bus: Arc::new(bus.view(test_options("sensor-aggregator"))),
-            store: Arc::new(MemStore::new()),
-            clock: SystemClock::shared(),
-            metrics: Metrics::new(),
-            readiness: Default::default(),
-        },
-    )
-    .expect("aggregator");
-    let agg_running = agg.start().await.expect("aggregator starts");
+/// The controller with no domains (they are added at runtime), fast timing.
+async fn start_controller(bus: &LocalBus, run: &RunName) -> RunningController {
     // `Controller::start` retries `dump_state` until the provisioner answers: bounded here.
     let started = tokio::time::timeout(
         DEADLINE,
@@ -138,9 +132,35 @@ async fn add_domain_health_settings_reach_the_aggregator() {
         .start(),
     )
     .await;
-    let ctl_server = started
+    started
         .unwrap_or_else(|_| panic!("waited {DEADLINE:?} for the controller to start (dump_state)"))
-        .expect("controller starts");
+        .expect("controller starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_domain_health_settings_reach_the_aggregator() {
+    let run = test_run("add-health");
+    let bus = LocalBus::new(run.clone(), test_options("host"));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let prov_running = start_provisioner(&bus, &run, dir.path()).await;
+
+    // The aggregator knows no domain: its config lists none, as for a domain added
+    // after launch.
+    let mut acfg = AggregatorConfig::new(run.clone());
+    acfg.nodes_poll_secs = 0.1;
+    let agg = Aggregator::new(
+        acfg,
+        AggregatorDeps {
+            bus: Arc::new(bus.view(test_options("sensor-aggregator"))),
+            store: Arc::new(MemStore::new()),
+            clock: SystemClock::shared(),
+            metrics: Metrics::new(),
+            readiness: Default::default(),
+        },
+    )
+    .expect("aggregator");
+    let agg_running = agg.start().await.expect("aggregator starts");
+    let ctl_server = start_controller(&bus, &run).await;
 
     // add_domain with a missing timeout of 1 s (the default is 15 s).
     let cli = bus.view(test_options("cli"));
@@ -221,5 +241,89 @@ async fn add_domain_health_settings_reach_the_aggregator() {
 
     ctl_server.stop().await;
     agg_running.stop().await;
+    prov_running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_launch_reaches_the_controller_and_the_domain_backs_off() {
+    let run = test_run("refused");
+    let bus = LocalBus::new(run.clone(), test_options("host"));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let prov_running = start_provisioner(&bus, &run, dir.path()).await;
+    let ctl = start_controller(&bus, &run).await;
+    let cli = bus.view(test_options("cli"));
+
+    // The provisioner enables `sim` only: a `local` worker is refused.
+    let policy = json!({
+        "name": "refused",
+        "engine": "npreserving",
+        "engine_conf": {"preserve_n": 2},
+        "deployable": {"driver": "local", "command": "sleep", "args": ["60"]},
+    });
+    let add = Envelope::new(&run, Op::AddDomain, "cli", policy);
+    cli.request(Service::Controller, &add, Duration::from_secs(10))
+        .await
+        .expect("add_domain accepted");
+    let added = Instant::now();
+    let ask = DescribeDomainRequest {
+        domain: "refused".into(),
+    };
+    let deadline = Instant::now() + DEADLINE;
+    let (rejected, took) = loop {
+        let d = request::call(&cli, "cli", &ask, Duration::from_secs(5))
+            .await
+            .expect("describe_domain");
+        let rejected: Vec<_> = d
+            .nodes
+            .iter()
+            .filter(|n| n.state == NodeState::Rejected)
+            .cloned()
+            .collect();
+        if rejected.len() >= 2 {
+            break (rejected, added.elapsed());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "waited {DEADLINE:?} for the refused launch to reach the controller; nodes: {:?}",
+            d.nodes
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for n in &rejected {
+        assert_eq!(n.reason, Some(FailReason::RequestRefused), "{n:?}");
+    }
+    assert!(
+        took < Duration::from_secs(5),
+        "the refusal took {took:?} to reach the controller"
+    );
+    eprintln!("refusal reached the controller {took:?} after add_domain");
+
+    // The refused nodes are no capacity: the domain backs off instead of showing
+    // them pending for ever.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let d = request::call(&cli, "cli", &ask, Duration::from_secs(5))
+            .await
+            .expect("describe_domain");
+        if d.summary.engine_state == EngineState::BackingOff {
+            assert_eq!(d.summary.running, 0);
+            assert!(
+                d.nodes
+                    .iter()
+                    .all(|n| n.state == NodeState::Rejected || n.state <= NodeState::Requested),
+                "{:?}",
+                d.nodes
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "waited {DEADLINE:?} for the domain to back off; summary {:?}",
+            d.summary
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    ctl.stop().await;
     prov_running.stop().await;
 }
