@@ -112,7 +112,7 @@ pub enum ServiceError {
 impl ServiceBasics {
     /// Sets up tracing, the HTTP server (when `telemetry.http_addr` is set), the
     /// store and the bus, in that order. Readiness stays false until the service
-    /// raises it.
+    /// is started ([`Service::start`] raises it).
     pub async fn start(
         sender: &str,
         run: &RunName,
