@@ -27,6 +27,7 @@ use crate::rundir::{
 pub async fn launch(plan_path: &Path, run: Option<&str>, timeout: Duration) -> anyhow::Result<()> {
     let plan = LaunchPlan::load(plan_path)?;
     let run = plan.run_name(run, plan_path)?;
+    plan.check_domains(run.as_str())?;
     let dir = runs_dir().join(run.as_str());
     check_new_run_dir(&dir, run.as_str())?;
     if dir.exists() {

@@ -20,7 +20,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use decision_engines::Registry;
+use epu_controller::load_policy;
 use epu_core::wire::RunName;
+use provisioner::config::DriversConfig;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -98,6 +101,28 @@ impl LaunchPlan {
             }
         }
         Ok(plan)
+    }
+
+    /// Refuses, before anything runs, a domain the plan's own provisioner would
+    /// refuse to launch (a driver it does not turn on, a command not allowed),
+    /// naming the policy file and the key; and any policy that does not load.
+    pub fn check_domains(&self, run: &str) -> anyhow::Result<()> {
+        let drivers: DriversConfig = match self.provisioner.get("drivers") {
+            Some(d) => serde_json::from_value(d.clone())
+                .context("the plan's [provisioner.drivers] section is not valid")?,
+            None => DriversConfig::default(),
+        };
+        let registry = Registry::with_builtins();
+        for path in &self.domains {
+            let policy = load_policy(path, &registry, run)?;
+            if let Some((key, why)) = drivers.refusal(&policy.deployable) {
+                bail!(
+                    "policy file {}: key \"{key}\": {why}; nothing was launched",
+                    path.display()
+                );
+            }
+        }
+        Ok(())
     }
 
     /// The run name: `--run`, else the plan's, else the plan file's stem.

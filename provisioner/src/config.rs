@@ -47,6 +47,7 @@ use std::time::Duration;
 
 use epu_core::config::{BusConfig, Secret, StoreConfig, TelemetryConfig};
 use epu_core::wire::RunName;
+use epu_model::messages::Deployable;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ProvisionerError;
@@ -306,8 +307,105 @@ impl ProvisionerConfig {
     }
 }
 
+impl DriversConfig {
+    /// The drivers this config turns on (what `drivers_from_config` builds).
+    pub fn enabled(&self) -> Vec<&'static str> {
+        let mut on = Vec::new();
+        if self.local.enabled {
+            on.push("local");
+        }
+        if self.sim.enabled {
+            on.push("sim");
+        }
+        if self.ec2.is_some() {
+            on.push("ec2");
+        }
+        on
+    }
+
+    /// Why a provisioner with these drivers would refuse to launch `deployable`,
+    /// if it would, as (the deployable's key, the reason): a driver it does not
+    /// turn on, a local command not in `allowed_commands`. What a policy can be
+    /// checked against before anything runs (`epumgmt launch`).
+    pub fn refusal(&self, deployable: &Deployable) -> Option<(&'static str, String)> {
+        let driver = deployable.driver();
+        let on = self.enabled();
+        if !on.contains(&driver) {
+            return Some((
+                "deployable.driver",
+                format!(
+                    "driver {driver:?} is not enabled in the provisioner (enabled: {}); turn it on in the provisioner's [drivers.{driver}]",
+                    on.join(", ")
+                ),
+            ));
+        }
+        command_refusal(self.local.allowed_commands.as_deref(), deployable)
+            .map(|why| ("deployable.command", why))
+    }
+}
+
+/// Why a local `deployable`'s command is refused under `allowed` (the
+/// `drivers.local.allowed_commands`; `None` allows any), if it is.
+pub fn command_refusal(allowed: Option<&[String]>, deployable: &Deployable) -> Option<String> {
+    match (deployable, allowed) {
+        (Deployable::Local(l), Some(allowed)) if !allowed.contains(&l.command) => Some(format!(
+            "command {:?} is not in drivers.local.allowed_commands",
+            l.command
+        )),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use epu_model::messages::{LocalDeployable, SimDeployable};
+
+    #[test]
+    fn deployables_are_checked_against_the_drivers_turned_on() {
+        let local = |cmd: &str| {
+            Deployable::Local(LocalDeployable {
+                command: cmd.into(),
+                args: vec![],
+                env: Default::default(),
+                cwd: None,
+            })
+        };
+        let sim = Deployable::Sim(SimDeployable::default());
+        let mut sim_off = DriversConfig::default();
+        sim_off.sim.enabled = false;
+        let mut allow = DriversConfig::default();
+        allow.local.allowed_commands = Some(vec!["sleep".into()]);
+        // (case, drivers, deployable, refused at key)
+        let table: Vec<(&str, DriversConfig, Deployable, Option<&str>)> = vec![
+            (
+                "local on by default",
+                DriversConfig::default(),
+                local("sleep"),
+                None,
+            ),
+            (
+                "sim on by default",
+                DriversConfig::default(),
+                sim.clone(),
+                None,
+            ),
+            ("sim turned off", sim_off, sim, Some("deployable.driver")),
+            ("allowed command", allow.clone(), local("sleep"), None),
+            (
+                "command not allowed",
+                allow,
+                local("rm"),
+                Some("deployable.command"),
+            ),
+        ];
+        for (case, drivers, d, want) in table {
+            let got = drivers.refusal(&d);
+            assert_eq!(got.as_ref().map(|(k, _)| *k), want, "{case}: {got:?}");
+        }
+        let ec2_off = DriversConfig::default();
+        assert_eq!(ec2_off.enabled(), vec!["local", "sim"]);
+    }
+
     use super::*;
     use std::collections::HashMap;
     use std::io::Write;

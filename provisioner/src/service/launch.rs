@@ -13,14 +13,14 @@ use epu_core::backoff::retry;
 use epu_core::store::StoreError;
 use epu_core::telemetry::events;
 use epu_core::wire::{ReplyError, Service};
-use epu_model::messages::{Deployable, FailReason, NodeRecord, ProvisionReply, ProvisionRequest};
+use epu_model::messages::{FailReason, NodeRecord, ProvisionReply, ProvisionRequest};
 use epu_model::NodeState;
 use uuid::Uuid;
 
 use super::reconcile::exit_update;
 use super::state::{idx, log_state, reason_str, State};
 use super::Inner;
-use crate::config::Failpoint;
+use crate::config::{command_refusal, Failpoint};
 use crate::driver::{
     IaasDriver, IaasError, IaasErrorKind, InstanceRef, InstanceState, LaunchOutcome, LaunchRequest,
 };
@@ -200,17 +200,10 @@ impl Inner {
                 self.deps.drivers.names().join(", ")
             ));
         }
-        if let (Deployable::Local(l), Some(allowed)) =
-            (&req.deployable, &self.settings.allowed_commands)
-        {
-            if !allowed.contains(&l.command) {
-                return Err(format!(
-                    "command {:?} is not in drivers.local.allowed_commands",
-                    l.command
-                ));
-            }
+        match command_refusal(self.settings.allowed_commands.as_deref(), &req.deployable) {
+            Some(why) => Err(why),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// The launch to store (with a fresh token) and its nodes: REQUESTING when
