@@ -423,6 +423,8 @@ mod tests {
     use epu_model::Health;
     use epu_testkit::records::node;
 
+    use crate::domain::tests::{destroy, launch};
+
     fn t(secs: i64) -> DateTime<Utc> {
         Utc.timestamp_opt(1_700_000_000 + secs, 0)
             .single()
@@ -437,19 +439,6 @@ mod tests {
         let mut s = State::new("web", t(100));
         s.instances = instances;
         s
-    }
-
-    fn launch(n: u32) -> Control {
-        let mut c = Control::new();
-        c.launch(n, LaunchSpec::default());
-        c.reason(format!("launch {n}"));
-        c
-    }
-
-    fn destroy(ids: &[&str]) -> Control {
-        let mut c = Control::new();
-        c.destroy(ids.iter().map(|s| s.to_string()).collect());
-        c
     }
 
     fn none() -> Control {

@@ -355,14 +355,16 @@ fn stored_launch(store: &FlakyStore, launch_id: &str, node_ids: &[&str]) {
         .expect("store launch");
 }
 
-fn launch(n: u32) -> Control {
+/// An engine's intents: launch `n` (shared with the pipeline's tables).
+pub(super) fn launch(n: u32) -> Control {
     let mut c = Control::new();
     c.launch(n, LaunchSpec::default());
     c.reason(format!("launch {n}"));
     c
 }
 
-fn destroy(ids: &[&str]) -> Control {
+/// An engine's intents: destroy `ids`.
+pub(super) fn destroy(ids: &[&str]) -> Control {
     let mut c = Control::new();
     c.destroy(ids.iter().map(|s| s.to_string()).collect());
     c.reason("destroy");
