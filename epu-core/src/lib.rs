@@ -6,6 +6,7 @@ pub mod backoff;
 pub mod bus;
 pub mod clock;
 pub mod config;
+pub mod failpoint;
 pub mod request;
 pub mod service;
 pub mod store;

@@ -224,6 +224,15 @@ impl Failpoint {
             Failpoint::AfterIaasBeforeStore => "after_iaas_before_store",
         }
     }
+
+    /// Its name in `EPU_FAILPOINTS_DIR` (`epu_core::failpoint`): the one-shot
+    /// form the chaos suite arms in a running provisioner.
+    pub fn one_shot_name(self) -> &'static str {
+        match self {
+            Failpoint::AfterStoreBeforeIaas => "provisioner_after_store_before_iaas",
+            Failpoint::AfterIaasBeforeStore => "provisioner_after_iaas_before_store",
+        }
+    }
 }
 
 fn secs(key: &'static str, value: f64, min: f64) -> Result<Duration, ProvisionerError> {

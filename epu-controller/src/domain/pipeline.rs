@@ -34,6 +34,10 @@ use super::{
     Shared, KEEP_DECISIONS, LAUNCHES_TREE, RESEND_LAUNCH_AFTER, UNIQUE_KEY_VAR,
 };
 
+/// The one-shot failpoint (`epu_core::failpoint`) between storing a launch and
+/// sending its `provision`.
+pub(crate) const FAILPOINT_AFTER_STORE: &str = "controller_after_store_before_send";
+
 /// What one decision carries out, decided without IO.
 #[derive(Clone, Debug, PartialEq)]
 pub(super) struct Plan {
@@ -297,6 +301,7 @@ impl Domain {
             self.nodes.insert(id.clone(), NodeView::new(rec));
         }
         let ids = pending.node_ids.clone();
+        epu_core::failpoint::crash_if_armed(FAILPOINT_AFTER_STORE);
         send_provision(&self.shared, &self.policy.deployable, pending).await;
         Some(ids)
     }

@@ -510,6 +510,7 @@ impl Inner {
 
     /// Acts on the failpoint `at` if it is armed (a test hook).
     async fn failpoint(&self, at: Failpoint) {
+        epu_core::failpoint::crash_if_armed(at.one_shot_name());
         let fp = *lock(&self.failpoints.armed);
         let Some((p, action)) = fp else { return };
         if p != at {
