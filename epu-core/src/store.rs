@@ -106,7 +106,19 @@ pub trait Store: Send + Sync + Debug {
 
     /// Writes all `items` into `tree` atomically (after a crash, all or none are there);
     /// durable on return. A later item with the same key as an earlier one wins.
-    fn put_batch(&self, tree: &str, items: &[(String, Vec<u8>)]) -> Result<(), StoreError>;
+    fn put_batch(&self, tree: &str, items: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
+        self.write_batch(tree, items, &[])
+    }
+
+    /// Removes `deletes` from `tree` and writes `puts` in one atomic batch (after a
+    /// crash, all or none of it is there); durable on return. The puts are applied
+    /// after the deletes.
+    fn write_batch(
+        &self,
+        tree: &str,
+        puts: &[(String, Vec<u8>)],
+        deletes: &[String],
+    ) -> Result<(), StoreError>;
 
     /// Removes `key` from `tree` (no error if it was absent); durable on return.
     fn delete(&self, tree: &str, key: &str) -> Result<(), StoreError>;
@@ -320,15 +332,23 @@ impl Store for SledStore {
         self.flush_db("put", tree)
     }
 
-    fn put_batch(&self, tree: &str, items: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
+    fn write_batch(
+        &self,
+        tree: &str,
+        puts: &[(String, Vec<u8>)],
+        deletes: &[String],
+    ) -> Result<(), StoreError> {
         let t = self.tree(tree)?;
         let mut batch = sled::Batch::default();
-        for (key, value) in items {
+        for key in deletes {
+            batch.remove(key.as_bytes());
+        }
+        for (key, value) in puts {
             batch.insert(key.as_bytes(), value.as_slice());
         }
         t.apply_batch(batch)
-            .map_err(|e| backend("put_batch", tree, e))?;
-        self.flush_db("put_batch", tree)
+            .map_err(|e| backend("write_batch", tree, e))?;
+        self.flush_db("write_batch", tree)
     }
 
     fn delete(&self, tree: &str, key: &str) -> Result<(), StoreError> {
@@ -394,10 +414,18 @@ impl Store for MemStore {
         Ok(())
     }
 
-    fn put_batch(&self, tree: &str, items: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
+    fn write_batch(
+        &self,
+        tree: &str,
+        puts: &[(String, Vec<u8>)],
+        deletes: &[String],
+    ) -> Result<(), StoreError> {
         let mut trees = self.lock();
         let t = trees.entry(tree.to_owned()).or_default();
-        for (key, value) in items {
+        for key in deletes {
+            t.remove(key);
+        }
+        for (key, value) in puts {
             t.insert(key.clone(), value.clone());
         }
         Ok(())
@@ -500,6 +528,36 @@ mod tests {
         store.delete("no-such-tree", "x").unwrap();
         assert_eq!(store.get("nodes", "a").unwrap(), None);
         assert_eq!(store.scan("nodes").unwrap().len(), 4);
+
+        // One batch deletes and writes; a key both deleted and written is written.
+        store
+            .write_batch(
+                "nodes",
+                &[
+                    ("run2/n1".to_owned(), b"s1bis".to_vec()),
+                    ("run3/n1".to_owned(), b"t1".to_vec()),
+                ],
+                &[
+                    "run1/n1".to_owned(),
+                    "run2/n1".to_owned(),
+                    "never".to_owned(),
+                ],
+            )
+            .unwrap();
+        let after: Vec<(String, Vec<u8>)> = store.scan("nodes").unwrap();
+        assert_eq!(
+            after,
+            vec![
+                ("b".to_owned(), b"2".to_vec()),
+                ("run1/n2".to_owned(), b"r2".to_vec()),
+                ("run2/n1".to_owned(), b"s1bis".to_vec()),
+                ("run3/n1".to_owned(), b"t1".to_vec()),
+            ]
+        );
+        store
+            .write_batch("nodes", &[], &["run3/n1".to_owned()])
+            .unwrap();
+        assert_eq!(store.scan("nodes").unwrap().len(), 3);
 
         let node = Node {
             id: "n-1".into(),

@@ -52,14 +52,27 @@ struct State {
     terminations: Vec<TerminateNodesRequest>,
     /// Requests by operation name, every one received.
     requests: BTreeMap<String, usize>,
+    /// The change feed's revision: bumped by every change of a record.
+    revision: u64,
 }
 
 impl State {
-    fn upsert(&mut self, rec: NodeRecord) {
+    /// Stores `rec` as the next revision; the record as stored.
+    fn upsert(&mut self, mut rec: NodeRecord) -> NodeRecord {
+        self.revision += 1;
+        rec.revision = self.revision;
         match self.nodes.iter_mut().find(|n| n.node_id == rec.node_id) {
-            Some(n) => *n = rec,
-            None => self.nodes.push(rec),
+            Some(n) => *n = rec.clone(),
+            None => self.nodes.push(rec.clone()),
         }
+        rec
+    }
+
+    /// Moves the node to `state` at `at` as the next revision; the record.
+    fn set_state(&mut self, id: &str, state: NodeState, at: DateTime<Utc>) -> Option<NodeRecord> {
+        let mut n = self.nodes.iter().find(|n| n.node_id == id)?.clone();
+        set(&mut n, state, at);
+        Some(self.upsert(n))
     }
 }
 
@@ -181,9 +194,7 @@ impl Inner {
                     .build()
             })
             .collect();
-        for r in &created {
-            g.upsert(r.clone());
-        }
+        let created: Vec<NodeRecord> = created.into_iter().map(|r| g.upsert(r)).collect();
         g.launches.push(LaunchSummary {
             launch_id: req.launch_id.clone(),
             domain: req.domain.clone(),
@@ -212,12 +223,11 @@ impl Inner {
         };
         let mut changed = Vec::new();
         for id in &req.node_ids {
-            match g.nodes.iter_mut().find(|n| &n.node_id == id) {
-                Some(n) => {
+            match g.nodes.iter().find(|n| &n.node_id == id).map(|n| n.state) {
+                Some(state) => {
                     answer.terminating.push(id.clone());
-                    if !n.state.is_terminal() {
-                        set(n, NodeState::Terminated, now);
-                        changed.push(n.clone());
+                    if !state.is_terminal() {
+                        changed.extend(g.set_state(id, NodeState::Terminated, now));
                     }
                 }
                 None => answer.unknown.push(id.clone()),
@@ -236,22 +246,42 @@ impl Inner {
             counts: counts(&g.nodes),
             launches: g.launches.clone(),
             nodes: g.nodes.clone(),
+            revision: g.revision,
         }
     }
 
+    /// The provisioner's answer, change feed included: `since` and `limit` page
+    /// by revision, oldest change first.
     fn describe(&self, req: &DescribeNodesRequest) -> DescribeNodesReply {
         let g = self.lock();
-        let nodes = g
+        let since = req.since.unwrap_or(0);
+        let full = since == 0 || since > g.revision;
+        let from = if full { 0 } else { since };
+        let mut nodes: Vec<NodeRecord> = g
             .nodes
             .iter()
+            .filter(|n| n.revision > from)
             .filter(|n| req.domain.as_ref().is_none_or(|d| &n.domain == d))
             .filter(|n| req.node_ids.is_empty() || req.node_ids.contains(&n.node_id))
             .filter(|n| !req.live_only || n.state.is_live())
             .cloned()
             .collect();
+        nodes.sort_by_key(|n| n.revision);
+        let more = req.limit.is_some_and(|l| nodes.len() > l);
+        if let Some(l) = req.limit {
+            nodes.truncate(l);
+        }
+        let next = match nodes.last() {
+            Some(last) if more => last.revision,
+            _ => g.revision,
+        };
         DescribeNodesReply {
             enabled: true,
             nodes,
+            revision: g.revision,
+            next,
+            more,
+            full,
         }
     }
 }
@@ -442,6 +472,12 @@ impl FakeProvisioner {
         self.inner.lock().upsert(record);
     }
 
+    /// Moves `node_id` to `state` without telling anyone, as a lost
+    /// `instance_info` would leave it: only `describe_nodes` shows the change.
+    pub fn set_state_quietly(&self, node_id: &str, state: NodeState) -> Option<NodeRecord> {
+        self.inner.lock().set_state(node_id, state, Utc::now())
+    }
+
     /// Moves `node_id` to `state` (now) and publishes it as `instance_info` (unless
     /// publishing is off). `Ok(None)` when there is no such node.
     pub async fn set_state(
@@ -449,13 +485,8 @@ impl FakeProvisioner {
         node_id: &str,
         state: NodeState,
     ) -> Result<Option<NodeRecord>, BusError> {
-        let changed = {
-            let mut g = self.inner.lock();
-            let Some(n) = g.nodes.iter_mut().find(|n| n.node_id == node_id) else {
-                return Ok(None);
-            };
-            set(n, state, Utc::now());
-            n.clone()
+        let Some(changed) = self.set_state_quietly(node_id, state) else {
+            return Ok(None);
         };
         self.inner.publish(std::slice::from_ref(&changed)).await?;
         Ok(Some(changed))
@@ -542,6 +573,7 @@ mod tests {
 
         let t = TerminateNodesRequest {
             node_ids: vec!["a".into(), "zz".into()],
+            domain: None,
         };
         let got = request::call(&cli, "test", &t, T).await.expect("terminate");
         assert_eq!(

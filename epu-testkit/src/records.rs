@@ -39,6 +39,7 @@ pub fn node(domain: &str, node_id: &str) -> NodeBuilder {
             reason_detail: None,
             state_times: BTreeMap::new(),
             vars: BTreeMap::new(),
+            revision: 0,
         },
         at: None,
         since: None,
@@ -65,6 +66,12 @@ impl NodeBuilder {
 
     pub fn state(mut self, state: NodeState) -> Self {
         self.record.state = state;
+        self
+    }
+
+    /// The provisioner store's revision of the record's last change.
+    pub fn revision(mut self, revision: u64) -> Self {
+        self.record.revision = revision;
         self
     }
 

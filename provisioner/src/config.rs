@@ -7,6 +7,7 @@
 //! poll_interval_secs = 5
 //! disappear_grace_secs = 30
 //! terminate_grace_secs = 5
+//! record_retention_secs = 7200
 //!
 //! [bus]
 //! amqp_url = "amqp://guest:guest@127.0.0.1:5672/%2f"
@@ -77,6 +78,12 @@ pub struct ProvisionerConfig {
     /// Local workers: SIGTERM → SIGKILL.
     #[serde(default = "default_terminate_grace")]
     pub terminate_grace_secs: f64,
+    /// How long a terminal (TERMINATED, FAILED, REJECTED) record is kept before it
+    /// is pruned from the store, `describe_nodes` and `dump_state`. The original
+    /// EPU kept them 2 h: long enough for any subscriber's resync to see how a node
+    /// ended, short enough that a long run's history does not grow without bound.
+    #[serde(default = "default_retention")]
+    pub record_retention_secs: f64,
     #[serde(default)]
     pub iaas_retry: RetrySettings,
     #[serde(default)]
@@ -106,6 +113,10 @@ fn default_grace() -> f64 {
 
 fn default_terminate_grace() -> f64 {
     5.0
+}
+
+fn default_retention() -> f64 {
+    7200.0
 }
 
 /// The retry schedule of retryable IaaS errors (throttling, timeouts, 5xx):
@@ -257,6 +268,7 @@ impl ProvisionerConfig {
             poll_interval_secs: default_poll(),
             disappear_grace_secs: default_grace(),
             terminate_grace_secs: default_terminate_grace(),
+            record_retention_secs: default_retention(),
             iaas_retry: RetrySettings::default(),
             drivers: DriversConfig::default(),
             failpoint: None,
@@ -268,6 +280,7 @@ impl ProvisionerConfig {
         self.poll_interval()?;
         self.disappear_grace()?;
         self.terminate_grace()?;
+        self.record_retention()?;
         if self.iaas_retry.max_attempts == 0 {
             return Err(ProvisionerError::Config {
                 key: "iaas_retry.max_attempts",
@@ -313,6 +326,10 @@ impl ProvisionerConfig {
 
     pub fn terminate_grace(&self) -> Result<Duration, ProvisionerError> {
         secs("terminate_grace_secs", self.terminate_grace_secs, 0.0)
+    }
+
+    pub fn record_retention(&self) -> Result<Duration, ProvisionerError> {
+        secs("record_retention_secs", self.record_retention_secs, 1.0)
     }
 }
 

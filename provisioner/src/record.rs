@@ -28,6 +28,10 @@ use serde::{Deserialize, Serialize};
 pub const TREE: &str = "provisioner";
 /// Key of the enabled flag.
 pub const META_ENABLED: &str = "meta/enabled";
+/// Key of the change feed's head: the last revision given to a record's change.
+pub const META_REVISION: &str = "meta/revision";
+/// Key of the highest revision of a pruned record.
+pub const META_COMPACTED: &str = "meta/compacted";
 /// Largest `count` of one `provision`.
 pub const MAX_COUNT: i64 = 100_000;
 

@@ -15,7 +15,7 @@ use epu_core::clock::ManualClock;
 use epu_core::store::{MemStore, SharedStore};
 use epu_core::testing::{test_options, test_run};
 use epu_core::wire::{ErrorCode, Op, RunName};
-use epu_model::messages::{FailReason, NodeRecord};
+use epu_model::messages::{DescribeNodesReply, DumpStateReply, FailReason, NodeRecord};
 use epu_model::NodeState;
 use provisioner::driver::sim::{SimDriver, SimSettings};
 use provisioner::driver::{IaasError, IaasErrorKind};
@@ -431,8 +431,10 @@ async fn a_node_terminated_while_launching_has_its_instance_terminated_when_it_a
     let (_, rec) = h.sub.wait_state(&id, NodeState::Terminated, WAIT).await;
     assert!(rec.iaas_id.is_some(), "the late instance id is recorded");
     assert!(h.fake.alive(&h.run).is_empty());
-    // REQUESTED arrived after TERMINATING and was dropped: never reported.
-    let seen = h.sub.states(&id);
+    // REQUESTED arrived after TERMINATING and was dropped: never reported (the
+    // late instance id is, as a second TERMINATING report).
+    let mut seen = h.sub.states(&id);
+    seen.dedup();
     assert_eq!(
         seen,
         [
@@ -504,5 +506,252 @@ async fn terminate_all_disables_until_enable_and_the_flag_survives_a_restart() {
     // An operation the provisioner does not serve.
     let e = call(h.client.as_ref(), &h.run, Op::ListDomains, json!({})).await;
     assert!(e.is_err());
+    running.stop().await;
+}
+
+// ------------------------------------------------------------ the change feed
+
+async fn feed(h: &Host, body: serde_json::Value) -> DescribeNodesReply {
+    let v = call(h.client.as_ref(), &h.run, Op::DescribeNodes, body)
+        .await
+        .expect("describe_nodes");
+    serde_json::from_value(v).expect("describe_nodes reply")
+}
+
+#[tokio::test]
+async fn the_change_feed_pages_by_revision_has_no_holes_and_costs_nothing_when_unchanged() {
+    let h = Host::new("sim-feed").await;
+    let (p, running) = h.start().await;
+    h.provision("l1", 25, sim(30.0, 0.0)).await;
+    h.wait_all(25, |n| n.state == NodeState::Pending).await;
+
+    // A full listing in pages of 10, oldest change first.
+    let mut since = 0;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut pages = 0;
+    loop {
+        let page = feed(&h, json!({"since": since, "limit": 10})).await;
+        pages += 1;
+        assert!(page.nodes.len() <= 10);
+        assert_eq!(page.full, since == 0, "only the first page is asked from 0");
+        let revs: Vec<u64> = page.nodes.iter().map(|n| n.revision).collect();
+        assert!(
+            revs.windows(2).all(|w| w[0] < w[1]),
+            "oldest change first: {revs:?}"
+        );
+        assert!(
+            revs.iter().all(|r| *r > since),
+            "only changes after {since}"
+        );
+        seen.extend(page.nodes.iter().map(|n| n.node_id.clone()));
+        since = page.next;
+        if !page.more {
+            assert_eq!(page.next, page.revision, "the last page ends at the head");
+            break;
+        }
+        assert_eq!(Some(page.next), revs.last().copied());
+    }
+    assert_eq!((seen.len(), pages), (25, 3));
+
+    // Unchanged: a resync from the head lists nothing.
+    let quiet = feed(&h, json!({"since": since, "limit": 1000})).await;
+    assert!(
+        quiet.nodes.is_empty() && !quiet.more && !quiet.full,
+        "{quiet:?}"
+    );
+    let quiet_bytes = serde_json::to_vec(&quiet).expect("encode").len();
+    assert!(
+        quiet_bytes < 200,
+        "an unchanged fleet's resync is {quiet_bytes} bytes"
+    );
+
+    // Booted: exactly the changed records, each once, at its new revision.
+    h.clock.advance(Duration::from_secs(31));
+    p.reconcile_now().await;
+    h.wait_all(25, |n| n.state == NodeState::Running).await;
+    let changed = feed(&h, json!({"since": since})).await;
+    assert_eq!(changed.nodes.len(), 25);
+    assert!(changed
+        .nodes
+        .iter()
+        .all(|n| n.state == NodeState::Running && n.revision > since));
+
+    // Every change was published with its own revision: no holes, none twice.
+    let head = changed.revision;
+    eventually(WAIT, "every revision published", || async {
+        h.sub.count() as u64 == head
+    })
+    .await;
+    let mut published: Vec<u64> = h
+        .sub
+        .seen
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|(_, r)| r.revision)
+        .collect();
+    published.sort_unstable();
+    assert_eq!(published, (1..=head).collect::<Vec<u64>>());
+
+    // A `since` past the head (a provisioner with a new store) is answered in full.
+    let reset = feed(&h, json!({"since": head + 100, "limit": 1000})).await;
+    assert!(
+        reset.full && reset.nodes.len() == 25,
+        "{}",
+        reset.nodes.len()
+    );
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn dump_state_honours_its_filters() {
+    let h = Host::new("sim-dump").await;
+    let (_p, running) = h.start().await;
+    let d1 = h.provision("l1", 2, sim(30.0, 0.0)).await;
+    call(
+        h.client.as_ref(),
+        &h.run,
+        Op::Provision,
+        json!({"launch_id": "l2", "domain": "d2", "count": 1, "deployable": sim(30.0, 0.0)}),
+    )
+    .await
+    .expect("provision d2");
+    call(
+        h.client.as_ref(),
+        &h.run,
+        Op::TerminateNodes,
+        json!({"node_ids": [d1[0].node_id]}),
+    )
+    .await
+    .expect("terminate");
+    h.wait_all(3, |n| n.state != NodeState::Requesting).await;
+    let dump = |body: serde_json::Value| {
+        let h = &h;
+        async move {
+            let v = call(h.client.as_ref(), &h.run, Op::DumpState, body)
+                .await
+                .expect("dump_state");
+            serde_json::from_value::<DumpStateReply>(v).expect("dump_state reply")
+        }
+    };
+    let all = dump(json!({})).await;
+    assert_eq!((all.nodes.len(), all.launches.len()), (3, 2));
+    assert!(all.revision > 0);
+    let only_d2 = dump(json!({"domain": "d2"})).await;
+    assert!(only_d2.nodes.iter().all(|n| n.domain == "d2") && only_d2.nodes.len() == 1);
+    assert_eq!(only_d2.launches.len(), 1);
+    assert_eq!(only_d2.launches[0].launch_id, "l2");
+    let live = dump(json!({"domain": "d1", "live_only": true})).await;
+    assert_eq!(live.nodes.len(), 1);
+    assert_eq!(live.nodes[0].node_id, d1[1].node_id);
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn old_terminal_records_are_pruned_and_an_older_since_is_answered_in_full() {
+    let h = Host::new("sim-prune").await;
+    let (p, running) = h.start().await;
+    let nodes = h.provision("l1", 3, sim(0.0, 0.0)).await;
+    h.provision("l2", 1, sim(0.0, 0.0)).await;
+    p.reconcile_now().await;
+    h.wait_all(4, |n| n.state == NodeState::Running).await;
+    let before = feed(&h, json!({"since": 0, "limit": 1})).await.revision;
+    let gone: Vec<String> = nodes[..2].iter().map(|n| n.node_id.clone()).collect();
+    call(
+        h.client.as_ref(),
+        &h.run,
+        Op::TerminateNodes,
+        json!({"node_ids": gone}),
+    )
+    .await
+    .expect("terminate");
+    p.reconcile_now().await;
+    h.wait_all(4, |n| {
+        n.state == NodeState::Running || n.state == NodeState::Terminated
+    })
+    .await;
+    // Young history stays.
+    assert_eq!(p.prune_now().await, 0);
+    // Past the retention (2 h by default): the two terminated records go; their
+    // launch stays while one of its nodes lives.
+    h.clock.advance(Duration::from_secs(7201));
+    assert_eq!(p.prune_now().await, 2);
+    let left = h.nodes().await;
+    assert_eq!(left.len(), 2);
+    assert!(left.iter().all(|n| n.state == NodeState::Running));
+    let dumped = p.dump_state().await;
+    assert_eq!(dumped.launches.len(), 2);
+    // A subscriber that last saw `before` may have missed how the pruned ended:
+    // it gets everything, marked full.
+    let stale = feed(&h, json!({"since": before, "limit": 100})).await;
+    assert!(stale.full, "{stale:?}");
+    assert_eq!(stale.nodes.len(), 2);
+    running.stop().await;
+
+    // The pruning is durable, and so is the mark.
+    let (_p2, running2) = h.start().await;
+    assert_eq!(h.nodes().await.len(), 2);
+    let stale = feed(&h, json!({"since": before, "limit": 100})).await;
+    assert!(stale.full);
+    running2.stop().await;
+}
+
+#[tokio::test]
+async fn a_tombstone_keeps_a_late_launch_from_starting_its_node() {
+    let h = Host::new("sim-tomb").await;
+    let (p, running) = h.start().await;
+    let v = call(
+        h.client.as_ref(),
+        &h.run,
+        Op::TerminateNodes,
+        json!({"node_ids": ["n-late"], "domain": "d1"}),
+    )
+    .await
+    .expect("terminate");
+    assert_eq!(v["unknown"], json!(["n-late"]));
+    let (_, grave) = h
+        .sub
+        .wait_state("n-late", NodeState::Terminated, WAIT)
+        .await;
+    assert_eq!(grave.reason, Some(FailReason::Cancelled));
+    assert_eq!(grave.domain, "d1");
+    // The launch that was sent before the cancel arrives late.
+    let v = call(
+        h.client.as_ref(),
+        &h.run,
+        Op::Provision,
+        json!({"launch_id": "l-late", "domain": "d1", "count": 2,
+               "node_ids": ["n-late", "n-ok"], "deployable": sim(0.0, 0.0)}),
+    )
+    .await
+    .expect("provision");
+    let ids: Vec<String> = serde_json::from_value::<Vec<NodeRecord>>(v["nodes"].clone())
+        .expect("nodes")
+        .into_iter()
+        .map(|n| n.node_id)
+        .collect();
+    assert_eq!(ids, ["n-ok"], "only the live node is launched");
+    p.reconcile_now().await;
+    h.sub.wait_state("n-ok", NodeState::Running, WAIT).await;
+    assert_eq!(
+        h.sim.alive(),
+        1,
+        "one instance: the tombstoned node never started"
+    );
+    let late = h.nodes().await.into_iter().find(|n| n.node_id == "n-late");
+    assert_eq!(late.map(|n| n.state), Some(NodeState::Terminated));
+    // A launch of the tombstone alone launches nothing.
+    let v = call(
+        h.client.as_ref(),
+        &h.run,
+        Op::Provision,
+        json!({"launch_id": "l-late-2", "domain": "d1", "count": 1,
+               "node_ids": ["n-late"], "deployable": sim(0.0, 0.0)}),
+    )
+    .await
+    .expect("provision");
+    assert_eq!(v["nodes"][0]["state"], "TERMINATED");
+    p.reconcile_now().await;
+    assert_eq!(h.sim.alive(), 1);
     running.stop().await;
 }

@@ -27,6 +27,7 @@ impl Inner {
             domain: None,
             node_ids: Vec::new(),
             live_only: true,
+            ..Default::default()
         };
         let reply = match self.describe_nodes(&live).await {
             Ok(r) => r,
@@ -58,6 +59,7 @@ impl Inner {
                 domain: None,
                 node_ids: chunk.to_vec(),
                 live_only: false,
+                ..Default::default()
             };
             match self.describe_nodes(&req).await {
                 Ok(r) => lock(&self.tracker).apply_resolved(&r.nodes, chunk, now),

@@ -308,6 +308,7 @@ impl Domain {
             reason_detail: None,
             state_times: times,
             vars: vars.clone(),
+            revision: 0,
         }
     }
 

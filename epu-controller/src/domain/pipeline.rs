@@ -344,6 +344,7 @@ impl Domain {
         }
         let req = TerminateNodesRequest {
             node_ids: ids.to_vec(),
+            domain: Some(self.policy.name.clone()),
         };
         let env = match Envelope::with_body(
             &self.shared.run,

@@ -75,9 +75,14 @@ impl Store for FlakyStore {
         self.write("put", tree)?;
         self.inner.put(tree, key, value)
     }
-    fn put_batch(&self, tree: &str, items: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
-        self.write("put_batch", tree)?;
-        self.inner.put_batch(tree, items)
+    fn write_batch(
+        &self,
+        tree: &str,
+        puts: &[(String, Vec<u8>)],
+        deletes: &[String],
+    ) -> Result<(), StoreError> {
+        self.write("write_batch", tree)?;
+        self.inner.write_batch(tree, puts, deletes)
     }
     fn delete(&self, tree: &str, key: &str) -> Result<(), StoreError> {
         self.write("delete", tree)?;

@@ -123,12 +123,18 @@ pub struct ProvisionReply {
 #[serde(deny_unknown_fields)]
 pub struct TerminateNodesRequest {
     pub node_ids: Vec<String>,
+    /// The nodes' domain. An id the provisioner does not know yet (a launch that
+    /// has not reached it) gets a tombstone in this domain: a TERMINATED record
+    /// (`CANCELLED`) that a later `provision` naming the id cannot start.
+    #[serde(default)]
+    pub domain: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TerminateNodesReply {
     pub terminating: Vec<String>,
-    /// Ids the provisioner does not know.
+    /// Ids the provisioner did not know (each now a tombstone when the request
+    /// named a domain).
     pub unknown: Vec<String>,
 }
 
@@ -149,7 +155,13 @@ pub struct TerminateAllReply {
 #[serde(deny_unknown_fields)]
 pub struct EnableRequest {}
 
-/// `dump_state` and `describe_nodes`: node records, optionally filtered.
+/// `dump_state` and `describe_nodes`: node records, optionally filtered, and the
+/// provisioner's change feed.
+///
+/// Every change of a record takes the next revision of the provisioner's store
+/// ([`NodeRecord::revision`]). `since` asks for the records changed after a
+/// revision, oldest change first; `limit` pages the answer: ask again `since`
+/// the reply's [`next`](DescribeNodesReply::next) while it says `more`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DescribeNodesRequest {
@@ -160,12 +172,46 @@ pub struct DescribeNodesRequest {
     /// Only nodes not in a terminal state.
     #[serde(default)]
     pub live_only: bool,
+    /// Only records changed after this revision (absent or 0: every record).
+    #[serde(default)]
+    pub since: Option<u64>,
+    /// At most this many records (absent: all of them).
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+impl DescribeNodesRequest {
+    /// The change feed's page after `since`: every domain, terminal records too.
+    pub fn changes(since: u64, limit: usize) -> Self {
+        DescribeNodesRequest {
+            since: Some(since),
+            limit: Some(limit),
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DescribeNodesReply {
     pub enabled: bool,
+    /// Oldest change first.
     pub nodes: Vec<NodeRecord>,
+    /// The provisioner's revision when it answered.
+    #[serde(default)]
+    pub revision: u64,
+    /// Where the next page, or the next resync, starts: the last record's
+    /// revision while `more`, else `revision`.
+    #[serde(default)]
+    pub next: u64,
+    /// More records match than `limit` allowed.
+    #[serde(default)]
+    pub more: bool,
+    /// This listing (with its further pages) is every record the provisioner
+    /// holds, not a list of changes: `since` was absent or 0, older than records
+    /// it has since pruned, or newer than its revision (a provisioner with a new
+    /// store). A node the caller holds that it does not list is gone.
+    #[serde(default)]
+    pub full: bool,
 }
 
 /// `describe_iaas`: what the IaaS itself lists for this run (by its run tag,
@@ -213,6 +259,9 @@ pub enum FailReason {
     /// command not allowed, a reserved tag, an unknown template variable); the
     /// detail says which.
     RequestRefused,
+    /// Terminated before its launch reached the provisioner (a tombstone): a
+    /// later `provision` naming the node does not start it.
+    Cancelled,
 }
 
 /// A node as the provisioner records and reports it (`instance_info` body).
@@ -239,6 +288,12 @@ pub struct NodeRecord {
     pub state_times: BTreeMap<NodeState, DateTime<Utc>>,
     #[serde(default)]
     pub vars: BTreeMap<String, String>,
+    /// The provisioner store's revision of this record's last change (0: not from
+    /// the provisioner, such as the controller's placeholder of a launch it has
+    /// not acknowledged). A report with a lower revision than one already applied
+    /// is older news.
+    #[serde(default)]
+    pub revision: u64,
 }
 
 impl NodeRecord {
@@ -373,6 +428,7 @@ mod tests {
             reason_detail: None,
             state_times: times,
             vars: BTreeMap::new(),
+            revision: 0,
         };
         let v = serde_json::to_value(&rec).expect("enc");
         assert_eq!(v["state"], "REQUESTING");

@@ -57,8 +57,8 @@ pub struct EnableReply {
     pub enabled: bool,
 }
 
-/// `dump_state` body: `describe_nodes`' filters (PROTOCOL.md lists them for
-/// both), but the provisioner answers with its whole memory whatever they say.
+/// `dump_state` body: `describe_nodes`' filters (`domain`, `node_ids`,
+/// `live_only`, `since`), applied to its node records and to its launches.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct DumpStateRequest(pub DescribeNodesRequest);
@@ -89,6 +89,9 @@ pub struct DumpStateReply {
     pub counts: StateCounts,
     pub launches: Vec<LaunchSummary>,
     pub nodes: Vec<NodeRecord>,
+    /// The provisioner's revision when it answered (the change feed's start).
+    #[serde(default)]
+    pub revision: u64,
 }
 
 /// The provisioner's `status`.

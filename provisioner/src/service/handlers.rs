@@ -20,7 +20,7 @@ use epu_model::messages::{
 };
 use serde_json::Value;
 
-use super::state::state_counts;
+use super::state::{state_counts, State};
 use super::Inner;
 use crate::record::META_ENABLED;
 
@@ -40,8 +40,8 @@ impl Handler for ProvisionerHandler {
             Op::Enable => self.enable(env).await,
             Op::DescribeNodes => self.describe_nodes(env).await,
             Op::DumpState => {
-                request::serve(env, |_: DumpStateRequest| async {
-                    Ok(self.inner.dump_state().await)
+                request::serve(env, |req: DumpStateRequest| async move {
+                    Ok(self.inner.dump_state(&req.0).await)
                 })
                 .await
             }
@@ -108,24 +108,11 @@ impl Inner {
         Ok(EnableReply { enabled: true })
     }
 
-    /// `describe_nodes`: the records, filtered, oldest launch first.
+    /// `describe_nodes`: the records, filtered; with `since` or `limit` the change
+    /// feed's page ([`select`]), else every match, oldest launch first.
     pub(super) async fn describe_nodes(&self, req: &DescribeNodesRequest) -> DescribeNodesReply {
         let st = self.state.lock().await;
-        let wanted: HashSet<&str> = req.node_ids.iter().map(String::as_str).collect();
-        let mut nodes: Vec<NodeRecord> = st
-            .nodes
-            .values()
-            .map(|n| &n.record)
-            .filter(|r| req.domain.as_deref().is_none_or(|d| d == r.domain))
-            .filter(|r| wanted.is_empty() || wanted.contains(r.node_id.as_str()))
-            .filter(|r| !req.live_only || !r.state.is_terminal())
-            .cloned()
-            .collect();
-        nodes.sort_by(|a, b| (a.launched_at(), &a.node_id).cmp(&(b.launched_at(), &b.node_id)));
-        DescribeNodesReply {
-            enabled: st.enabled,
-            nodes,
-        }
+        select(&st, req)
     }
 
     /// Every instance each driver lists for this run: the IaaS's word, not the store's.
@@ -151,15 +138,15 @@ impl Inner {
         DescribeIaasReply { instances, errors }
     }
 
-    /// `dump_state`: the flag, counts, launches and every record (what a controller
-    /// recovers from).
-    pub(super) async fn dump_state(&self) -> DumpStateReply {
+    /// `dump_state`: the flag, counts, the launches of the domain asked for (all
+    /// without one) and the records its filters select, as `describe_nodes` does.
+    pub(super) async fn dump_state(&self, req: &DescribeNodesRequest) -> DumpStateReply {
         let st = self.state.lock().await;
-        let mut nodes: Vec<NodeRecord> = st.nodes.values().map(|n| n.record.clone()).collect();
-        nodes.sort_by(|a, b| (a.launched_at(), &a.node_id).cmp(&(b.launched_at(), &b.node_id)));
+        let selected = select(&st, req);
         let mut launches: Vec<LaunchSummary> = st
             .launches
             .values()
+            .filter(|l| req.domain.as_deref().is_none_or(|d| d == l.domain))
             .map(|l| LaunchSummary {
                 launch_id: l.launch_id.clone(),
                 domain: l.domain.clone(),
@@ -177,7 +164,8 @@ impl Inner {
             drivers: self.deps.drivers.names(),
             counts: state_counts(&st.counts),
             launches,
-            nodes,
+            nodes: selected.nodes,
+            revision: st.revision,
         }
     }
 
@@ -192,5 +180,64 @@ impl Inner {
             drivers: self.deps.drivers.names(),
             nodes: state_counts(&st.counts),
         }
+    }
+}
+
+/// The records `req` asks for.
+///
+/// Without `since` and `limit`: every match, oldest launch first (what the CLI
+/// shows). With either: the change feed, oldest change first, from `since`
+/// (`full` and from the start when `since` is absent or 0, below what was
+/// pruned, or past the head: a provisioner with a new store), at most `limit`
+/// records, `next` where the following page starts.
+pub(super) fn select(st: &State, req: &DescribeNodesRequest) -> DescribeNodesReply {
+    let wanted: HashSet<&str> = req.node_ids.iter().map(String::as_str).collect();
+    let matches = |r: &NodeRecord| {
+        req.domain.as_deref().is_none_or(|d| d == r.domain)
+            && (wanted.is_empty() || wanted.contains(r.node_id.as_str()))
+            && (!req.live_only || !r.state.is_terminal())
+    };
+    if req.since.is_none() && req.limit.is_none() {
+        let mut nodes: Vec<NodeRecord> = st
+            .nodes
+            .values()
+            .map(|n| &n.record)
+            .filter(|r| matches(r))
+            .cloned()
+            .collect();
+        nodes.sort_by(|a, b| (a.launched_at(), &a.node_id).cmp(&(b.launched_at(), &b.node_id)));
+        return DescribeNodesReply {
+            enabled: st.enabled,
+            nodes,
+            revision: st.revision,
+            next: st.revision,
+            more: false,
+            full: true,
+        };
+    }
+    let since = req.since.unwrap_or(0);
+    let full = since == 0 || since < st.compacted || since > st.revision;
+    let from = if full { 0 } else { since };
+    let limit = req.limit.unwrap_or(usize::MAX).max(1);
+    let mut nodes = Vec::new();
+    let mut more = false;
+    for r in st.changed_after(from).filter(|r| matches(r)) {
+        if nodes.len() == limit {
+            more = true;
+            break;
+        }
+        nodes.push(r.clone());
+    }
+    let next = match nodes.last() {
+        Some(last) if more => last.revision,
+        _ => st.revision,
+    };
+    DescribeNodesReply {
+        enabled: st.enabled,
+        nodes,
+        revision: st.revision,
+        next,
+        more,
+        full,
     }
 }

@@ -18,7 +18,8 @@ use epu_model::NodeState;
 use uuid::Uuid;
 
 use super::reconcile::exit_update;
-use super::state::{idx, log_state, reason_str, State};
+use super::state::{log_state, reason_str, State};
+use super::terminate::is_tombstone;
 use super::Inner;
 use crate::config::{command_refusal, Failpoint};
 use crate::driver::{
@@ -93,6 +94,23 @@ impl Inner {
         } else {
             req.node_ids.clone()
         };
+        // Nodes terminated before this launch arrived stay terminated.
+        let (buried, node_ids): (Vec<String>, Vec<String>) = node_ids
+            .into_iter()
+            .partition(|id| st.nodes.get(id).is_some_and(|n| is_tombstone(&n.record)));
+        if !buried.is_empty() {
+            tracing::info!(event = "launch_cancelled", launch_id = %req.launch_id, nodes = ?buried, "provision names nodes already terminated (tombstones): not starting them");
+        }
+        if node_ids.is_empty() {
+            let nodes = buried
+                .iter()
+                .filter_map(|id| st.nodes.get(id).map(|n| n.record.clone()))
+                .collect();
+            return Ok(ProvisionReply {
+                launch_id: req.launch_id,
+                nodes,
+            });
+        }
         for id in &node_ids {
             if let Some(n) = st.nodes.get(id) {
                 return Err(ReplyError::conflict(format!(
@@ -107,21 +125,22 @@ impl Inner {
             (None, true) => Outcome::Requested,
         };
         let enabled = matches!(outcome, Outcome::Requested);
-        let (launch, nodes) =
+        let (launch, mut nodes) =
             self.new_launch(&req, subscriber, node_ids, &outcome, self.deps.clock.now());
+        let head = st.stamp(nodes.iter_mut());
         // Write-ahead: the launch and its nodes are durable before the IaaS hears of it.
-        let items = encode_launch(&launch, &nodes)?;
+        let mut items = encode_launch(&launch, &nodes)?;
+        items.push(head);
         self.store_batch(items).await.map_err(|e| {
             tracing::error!(error = %e, launch_id = %req.launch_id, "cannot store a launch");
             ReplyError::internal(format!("cannot store the launch: {e}"))
         })?;
         let mut records = Vec::with_capacity(nodes.len());
         for n in nodes {
-            st.counts[idx(n.record.state)] += 1;
             records.push(n.record.clone());
             log_state(&n.record);
             self.outbox.send(subscriber, n.record.clone());
-            st.nodes.insert(n.record.node_id.clone(), n);
+            st.put_node(n);
         }
         self.deps.metrics.set_node_counts(&st.counts);
         st.launches.insert(launch.launch_id.clone(), launch);
@@ -234,6 +253,7 @@ impl Inner {
                     reason_detail: detail.clone(),
                     state_times: BTreeMap::from([(state, now)]),
                     vars: req.vars.clone(),
+                    revision: 0,
                 },
                 subscriber,
                 incarnation: None,

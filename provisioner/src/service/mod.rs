@@ -46,6 +46,7 @@
 
 mod handlers;
 mod launch;
+mod prune;
 mod reconcile;
 mod state;
 mod terminate;
@@ -120,6 +121,8 @@ struct Settings {
     poll_interval: Duration,
     /// The reconciler's thresholds (`disappear_grace_secs`, the resend interval).
     rules: Rules,
+    /// `record_retention_secs`: how long a terminal record is kept.
+    retention: TimeDelta,
 }
 
 /// What the provisioner is built over.
@@ -244,6 +247,7 @@ impl Provisioner {
             Duration::from_millis(config.iaas_retry.max_ms),
         );
         let failpoint = config.failpoint.map(|f| (f, FailpointAction::Exit));
+        let retention = TimeDelta::from_std(config.record_retention()?).unwrap_or(TimeDelta::MAX);
         let inner = Arc::new_cyclic(|this| Inner {
             settings: Settings {
                 run: config.run.clone(),
@@ -255,6 +259,7 @@ impl Provisioner {
                     grace,
                     resend_after: TimeDelta::from_std(resend_after).unwrap_or(TimeDelta::MAX),
                 },
+                retention,
             },
             deps: Deps {
                 bus,
@@ -400,9 +405,11 @@ impl Provisioner {
         self.inner.describe_iaas().await
     }
 
-    /// `dump_state`.
+    /// `dump_state` of everything (no filter).
     pub async fn dump_state(&self) -> DumpStateReply {
-        self.inner.dump_state().await
+        self.inner
+            .dump_state(&DescribeNodesRequest::default())
+            .await
     }
 
     /// `status`: service, run, readiness, enabled flag, node counts by state.
@@ -425,6 +432,12 @@ impl Provisioner {
     /// interval). For tests and the simulator, which move a manual clock.
     pub async fn reconcile_now(&self) {
         self.inner.reconcile_once().await;
+    }
+
+    /// Prunes terminal records older than `record_retention_secs` once (what the
+    /// poll loop does every tenth of the retention); how many were deleted.
+    pub async fn prune_now(&self) -> usize {
+        self.inner.prune_once().await
     }
 }
 

@@ -413,8 +413,17 @@ impl Inner {
     /// Reconciles every `poll_interval` until the provisioner stops.
     pub(super) async fn poll_loop(self: Arc<Self>) {
         let mut stopping = self.life.stopping.subscribe();
+        let mut pruned_at: Option<DateTime<Utc>> = None;
         loop {
             self.reconcile_once().await;
+            // Pruning runs on the clock (a tenth of the retention, at most a minute
+            // apart), so the manual clock drives it in tests.
+            let now = self.deps.clock.now();
+            let every = (self.settings.retention / 10).min(TimeDelta::seconds(60));
+            if pruned_at.is_none_or(|t| now - t >= every) {
+                self.prune_once().await;
+                pruned_at = Some(now);
+            }
             tokio::select! {
                 _ = tokio::time::sleep(self.settings.poll_interval) => {}
                 _ = stopping.changed() => return,
@@ -776,7 +785,7 @@ mod tests {
             named("cancelled", "l3", Terminating, None),
             named("launched", "l4", Pending, Some("i-4")),
         ] {
-            st.nodes.insert(n.record.node_id.clone(), n);
+            st.put_node(n);
         }
         for (id, nodes) in [
             ("l1", vec!["run", "going", "done"]),

@@ -6,7 +6,7 @@
 //! *because* memory and subscribers must never be told a change that a restart would not
 //! find in the store (and the next poll recomputes the change from the unchanged record).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -20,7 +20,10 @@ use tokio::sync::mpsc;
 use super::reconcile::Memory;
 use super::{lock, Inner, SENDER};
 use crate::error::ProvisionerError;
-use crate::record::{apply, node_key, StoredLaunch, StoredNode, Update, META_ENABLED, TREE};
+use crate::record::{
+    apply, node_key, StoredLaunch, StoredNode, Update, META_COMPACTED, META_ENABLED, META_REVISION,
+    TREE,
+};
 
 /// Everything the provisioner knows, behind `Inner::state`.
 #[derive(Default)]
@@ -38,9 +41,65 @@ pub(super) struct State {
     pub(super) counts: [i64; 11],
     /// `terminate_all` was asked and something of the run is still not terminal.
     pub(super) terminate_all_pending: bool,
+    /// The change feed: the last revision given to a change of a record (stored
+    /// as `meta/revision` in the batch of the change).
+    pub(super) revision: u64,
+    /// Node ids by the revision of their record's last change.
+    pub(super) by_revision: BTreeMap<u64, String>,
+    /// The highest revision of a pruned record: a caller whose `since` is below it
+    /// may have missed how a pruned node ended, and is answered with everything.
+    pub(super) compacted: u64,
 }
 
 impl State {
+    /// Makes `n` memory's record of its node (its revision already given),
+    /// keeping the counts by state and the revision index.
+    pub(super) fn put_node(&mut self, n: StoredNode) {
+        if let Some(old) = self.nodes.get(&n.record.node_id) {
+            self.counts[idx(old.record.state)] -= 1;
+            self.by_revision.remove(&old.record.revision);
+        }
+        self.counts[idx(n.record.state)] += 1;
+        self.revision = self.revision.max(n.record.revision);
+        self.by_revision
+            .insert(n.record.revision, n.record.node_id.clone());
+        self.nodes.insert(n.record.node_id.clone(), n);
+    }
+
+    /// Forgets a node (pruning), keeping the counts and the index.
+    pub(super) fn remove_node(&mut self, id: &str) -> Option<StoredNode> {
+        let n = self.nodes.remove(id)?;
+        self.counts[idx(n.record.state)] -= 1;
+        self.by_revision.remove(&n.record.revision);
+        self.compacted = self.compacted.max(n.record.revision);
+        self.memory.missing_since.remove(id);
+        self.early_exits.remove(id);
+        Some(n)
+    }
+
+    /// Gives each of `nodes` the next revision, in order; the store item that
+    /// records the new head (for the same batch). Memory's head moves only when
+    /// the nodes are put ([`State::put_node`]) after the batch is written.
+    pub(super) fn stamp<'a>(
+        &self,
+        nodes: impl IntoIterator<Item = &'a mut StoredNode>,
+    ) -> (String, Vec<u8>) {
+        let mut next = self.revision;
+        for n in nodes {
+            next += 1;
+            n.record.revision = next;
+        }
+        (META_REVISION.to_string(), next.to_string().into_bytes())
+    }
+
+    /// The records changed after `since` (every record when `from` is 0), oldest
+    /// change first.
+    pub(super) fn changed_after(&self, from: u64) -> impl Iterator<Item = &NodeRecord> {
+        self.by_revision
+            .range(from.saturating_add(1)..)
+            .filter_map(|(_, id)| self.nodes.get(id).map(|n| &n.record))
+    }
+
     /// How many nodes are not in a terminal state.
     pub(super) fn remaining(&self) -> usize {
         self.nodes
@@ -144,16 +203,30 @@ impl Inner {
             let nodes = store.scan_prefix_json::<StoredNode>(TREE, "node/")?;
             let launches = store.scan_prefix_json::<StoredLaunch>(TREE, "launch/")?;
             let enabled = store.get_json::<bool>(TREE, META_ENABLED)?;
-            Ok::<_, StoreError>((nodes, launches, enabled))
+            let revision = store.get_json::<u64>(TREE, META_REVISION)?;
+            let compacted = store.get_json::<u64>(TREE, META_COMPACTED)?;
+            Ok::<_, StoreError>((nodes, launches, enabled, revision, compacted))
         })
         .await
         .map_err(|e| ProvisionerError::Task(e.to_string()))??;
-        let (nodes, launches, enabled) = loaded;
+        let (nodes, launches, enabled, revision, compacted) = loaded;
         let mut st = self.state.lock().await;
         st.enabled = enabled.unwrap_or(true);
+        st.revision = revision.unwrap_or(0);
+        st.compacted = compacted.unwrap_or(0);
+        let mut unstamped = Vec::new();
         for (_, n) in nodes {
-            st.counts[idx(n.record.state)] += 1;
-            st.nodes.insert(n.record.node_id.clone(), n);
+            if n.record.revision == 0 {
+                unstamped.push(n);
+            } else {
+                st.put_node(n);
+            }
+        }
+        // Records of a store written before revisions existed get theirs in memory;
+        // each is stored with it at its next change.
+        let _ = st.stamp(unstamped.iter_mut());
+        for n in unstamped {
+            st.put_node(n);
         }
         for (_, l) in launches {
             st.launches.insert(l.launch_id.clone(), l);
@@ -181,7 +254,11 @@ impl Inner {
         let now = self.deps.clock.now();
         let mut working: HashMap<String, StoredNode> = HashMap::new();
         let mut order: Vec<String> = Vec::new();
-        let mut publish: Vec<(Service, NodeRecord, bool)> = Vec::new();
+        // Every change, for the log: (node, record after it, its state changed).
+        // Every change, in order: (where it goes, the record after it, its state
+        // changed). Each takes the next revision, so the feed has no holes.
+        let mut applied: Vec<(Service, NodeRecord, bool)> = Vec::new();
+        let mut head = st.revision;
         for u in &updates {
             if !working.contains_key(&u.node_id) {
                 let Some(n) = st.nodes.get(&u.node_id) else {
@@ -196,20 +273,26 @@ impl Inner {
             };
             let a = apply(cur, u, now);
             if a.any() {
-                publish.push((cur.subscriber, cur.record.clone(), a.state));
+                head += 1;
+                cur.record.revision = head;
+                applied.push((cur.subscriber, cur.record.clone(), a.state));
             } else if let Some(s) = u.state {
                 tracing::debug!(node_id = %u.node_id, state = %s, current = %cur.record.state, "duplicate or out-of-order state dropped");
             }
         }
-        if publish.is_empty() && extra.is_empty() {
+        if applied.is_empty() && extra.is_empty() {
             return Ok(());
         }
-        let changed: HashSet<&str> = publish.iter().map(|(_, r, _)| r.node_id.as_str()).collect();
+        order.retain(|id| {
+            working
+                .get(id)
+                .is_some_and(|n| n.record.revision > st.revision)
+        });
         let mut items = extra;
+        if head > st.revision {
+            items.push((META_REVISION.to_string(), head.to_string().into_bytes()));
+        }
         for id in &order {
-            if !changed.contains(id.as_str()) {
-                continue;
-            }
             if let Some(n) = working.get(id) {
                 let bytes = serde_json::to_vec(n).map_err(|source| StoreError::Encode {
                     tree: TREE.to_string(),
@@ -221,30 +304,22 @@ impl Inner {
         }
         self.store_batch(items).await?;
         for id in order {
-            if !changed.contains(id.as_str()) {
-                continue;
-            }
             if let Some(n) = working.remove(&id) {
-                if let Some(old) = st.nodes.get(&id) {
-                    st.counts[idx(old.record.state)] -= 1;
-                }
-                st.counts[idx(n.record.state)] += 1;
                 if n.record.state.is_terminal() {
                     st.memory.missing_since.remove(&id);
                     st.early_exits.remove(&id);
                 }
-                st.nodes.insert(id, n);
+                st.put_node(n);
             }
         }
         self.deps.metrics.set_node_counts(&st.counts);
-        // Only state changes are published: a subscriber drops a report that is not
-        // later than what it has, so fact-only changes (an id, addresses) ride along with
-        // the node's next state.
-        for (to, record, state_changed) in publish {
+        // Every change is published, facts too, each with its own revision: a
+        // subscriber that sees one skipped knows it missed something and resyncs.
+        for (to, record, state_changed) in applied {
             if state_changed {
                 log_state(&record);
-                self.outbox.send(to, record);
             }
+            self.outbox.send(to, record);
         }
         if st.terminate_all_pending && st.remaining() == 0 {
             st.terminate_all_pending = false;
@@ -346,16 +421,21 @@ mod tests {
         fn put(&self, tree: &str, key: &str, value: &[u8]) -> Result<(), StoreError> {
             self.mem.put(tree, key, value)
         }
-        fn put_batch(&self, tree: &str, items: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
+        fn write_batch(
+            &self,
+            tree: &str,
+            puts: &[(String, Vec<u8>)],
+            deletes: &[String],
+        ) -> Result<(), StoreError> {
             self.batches.fetch_add(1, Ordering::SeqCst);
             if self.down.load(Ordering::SeqCst) {
                 return Err(StoreError::Backend {
-                    op: "put_batch",
+                    op: "write_batch",
                     tree: tree.to_string(),
                     source: "disk full".into(),
                 });
             }
-            self.mem.put_batch(tree, items)
+            self.mem.write_batch(tree, puts, deletes)
         }
         fn delete(&self, tree: &str, key: &str) -> Result<(), StoreError> {
             self.mem.delete(tree, key)
@@ -403,6 +483,7 @@ mod tests {
             .run("state-test")
             .launch("l1")
             .iaas("i-1")
+            .revision(1)
             .build();
         rec.state_times.clear();
         StoredNode::for_controller(rec)
@@ -411,8 +492,7 @@ mod tests {
     /// A state holding one RUNNING node `n1`, missing since `t(0)`, with an early exit.
     fn one_running() -> State {
         let mut st = State::default();
-        st.nodes.insert("n1".into(), running("n1"));
-        st.counts[idx(NodeState::Running)] = 1;
+        st.put_node(running("n1"));
         st.memory.missing_since.insert("n1".into(), t(0));
         st.early_exits
             .insert("n1".into(), ("i-1".into(), "exit code 1".into()));
@@ -426,6 +506,71 @@ mod tests {
             out.push((m.to, m.record.state));
         }
         out
+    }
+
+    fn queued_revisions(inner: &Inner) -> Vec<(String, u64)> {
+        let mut rx = inner.outbox.take_receiver().expect("receiver");
+        let mut out = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            out.push((m.record.node_id, m.record.revision));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn every_changed_record_takes_the_next_revision_stored_in_the_same_batch() {
+        let store = Arc::new(FlakyStore::default());
+        let inner = inner(store.clone());
+        let mut st = one_running();
+        let mut n2 = running("n2");
+        let _ = st.stamp([&mut n2]);
+        st.put_node(n2);
+        assert_eq!(st.revision, 2);
+        // A failed write gives out no revision.
+        store.down.store(true, Ordering::SeqCst);
+        let ups = vec![Update::state("n1", NodeState::Terminating)];
+        assert!(inner.commit(&mut st, ups, Vec::new()).await.is_err());
+        assert_eq!(st.revision, 2);
+        store.down.store(false, Ordering::SeqCst);
+        // Each change takes the next revision, in order; a record keeps its last.
+        // Dropped updates (backwards, unknown) take none.
+        let ups = vec![
+            Update::state("n2", NodeState::Terminating),
+            Update::state("n1", NodeState::Terminating),
+            Update::state("n2", NodeState::Terminated),
+            Update::state("n1", NodeState::Pending),
+            Update::state("nobody", NodeState::Failed),
+        ];
+        inner
+            .commit(&mut st, ups, Vec::new())
+            .await
+            .expect("commit");
+        assert_eq!(st.revision, 5);
+        assert_eq!(st.nodes["n2"].record.revision, 5);
+        assert_eq!(st.nodes["n2"].record.state, NodeState::Terminated);
+        assert_eq!(st.nodes["n1"].record.revision, 4);
+        let head: Option<u64> = store.mem.get_json(TREE, META_REVISION).expect("get");
+        assert_eq!(head, Some(5));
+        let stored: Option<StoredNode> = store.mem.get_json(TREE, &node_key("n2")).expect("get");
+        assert_eq!(stored.map(|n| n.record.revision), Some(5));
+        // One report per change: no hole in the revisions a subscriber sees.
+        assert_eq!(
+            queued_revisions(&inner),
+            [
+                ("n2".to_string(), 3),
+                ("n1".to_string(), 4),
+                ("n2".to_string(), 5)
+            ]
+        );
+        // The feed from a revision: only what changed after it, oldest first.
+        let ids = |from| {
+            st.changed_after(from)
+                .map(|r| r.node_id.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(0), ["n1", "n2"]);
+        assert_eq!(ids(4), ["n2"]);
+        assert!(ids(5).is_empty());
     }
 
     #[tokio::test]
@@ -474,7 +619,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn facts_are_stored_but_only_state_changes_are_published() {
+    async fn facts_are_stored_and_published_with_their_revision() {
         let store = Arc::new(FlakyStore::default());
         let inner = inner(store.clone());
         let mut st = one_running();
@@ -493,7 +638,7 @@ mod tests {
             stored.map(|n| n.record.addresses),
             Some(vec!["10.0.0.1".to_string()])
         );
-        assert!(queued(&inner).is_empty());
+        assert_eq!(queued_revisions(&inner), [("n1".to_string(), 2)]);
     }
 
     #[tokio::test]

@@ -8,18 +8,21 @@
 
 use std::collections::BTreeMap;
 
-use chrono::TimeDelta;
+use chrono::{DateTime, TimeDelta, Utc};
 use epu_core::backoff::retry;
+use epu_core::store::StoreError;
 use epu_core::telemetry::events;
-use epu_core::wire::ReplyError;
-use epu_model::messages::{TerminateAllReply, TerminateNodesReply, TerminateNodesRequest};
+use epu_core::wire::{ReplyError, Service};
+use epu_model::messages::{
+    FailReason, NodeRecord, TerminateAllReply, TerminateNodesReply, TerminateNodesRequest,
+};
 use epu_model::NodeState;
 
 use super::reconcile::zombie_key;
 use super::state::State;
 use super::Inner;
 use crate::driver::{IaasDriver, IaasError, InstanceRef, TerminateOutcome};
-use crate::record::{Update, META_ENABLED};
+use crate::record::{node_key, StoredNode, Update, META_ENABLED};
 
 /// How many instances one `terminate` call asks for.
 const TERMINATE_CHUNK: usize = 1000;
@@ -157,6 +160,11 @@ impl Inner {
         self.commit(&mut st, ups, Vec::new())
             .await
             .map_err(|e| ReplyError::internal(format!("cannot store the terminations: {e}")))?;
+        if let Some(domain) = req.domain.as_deref().filter(|_| !unknown.is_empty()) {
+            self.bury(&mut st, domain, &unknown).await.map_err(|e| {
+                ReplyError::internal(format!("cannot store the tombstones of {unknown:?}: {e}"))
+            })?;
+        }
         let by_driver = self.after_terminating(&mut st, &terminating).await;
         drop(st);
         tracing::info!(
@@ -175,6 +183,43 @@ impl Inner {
             terminating,
             unknown,
         })
+    }
+
+    /// Records a tombstone for each of `ids` (not known here: their launch has not
+    /// arrived, or never will): TERMINATED, `CANCELLED`, stored and published, so
+    /// a `provision` that arrives later does not start them.
+    async fn bury(
+        &self,
+        st: &mut State,
+        domain: &str,
+        ids: &[String],
+    ) -> Result<(), crate::error::ProvisionerError> {
+        let now = self.deps.clock.now();
+        let mut graves: Vec<StoredNode> = ids
+            .iter()
+            .map(|id| {
+                StoredNode::for_controller(tombstone(self.settings.run.as_str(), domain, id, now))
+            })
+            .collect();
+        let mut items = vec![st.stamp(graves.iter_mut())];
+        for g in &graves {
+            let key = node_key(&g.record.node_id);
+            let bytes = serde_json::to_vec(g).map_err(|source| StoreError::Encode {
+                tree: crate::record::TREE.to_string(),
+                key: key.clone(),
+                source,
+            })?;
+            items.push((key, bytes));
+        }
+        self.store_batch(items).await?;
+        for g in graves {
+            tracing::info!(event = "launch_cancelled", domain, node_id = %g.record.node_id, "terminated before its launch arrived: a tombstone keeps it from starting");
+            super::state::log_state(&g.record);
+            self.outbox.send(Service::Controller, g.record.clone());
+            st.put_node(g);
+        }
+        self.deps.metrics.set_node_counts(&st.counts);
+        Ok(())
     }
 
     /// For nodes now TERMINATING: the instances to terminate by driver (skipping those
@@ -272,4 +317,31 @@ impl Inner {
             remaining,
         })
     }
+}
+
+/// The tombstone of node `id`: TERMINATED before any launch of it arrived.
+pub(super) fn tombstone(run: &str, domain: &str, id: &str, now: DateTime<Utc>) -> NodeRecord {
+    NodeRecord {
+        node_id: id.to_string(),
+        launch_id: String::new(),
+        domain: domain.to_string(),
+        run: run.to_string(),
+        driver: String::new(),
+        iaas_id: None,
+        addresses: Vec::new(),
+        state: NodeState::Terminated,
+        reason: Some(FailReason::Cancelled),
+        reason_detail: Some(
+            "terminated before its launch reached the provisioner; a later provision does not start it"
+                .to_string(),
+        ),
+        state_times: BTreeMap::from([(NodeState::Terminated, now)]),
+        vars: BTreeMap::new(),
+        revision: 0,
+    }
+}
+
+/// A tombstone (not a node that ran and ended).
+pub(super) fn is_tombstone(r: &NodeRecord) -> bool {
+    r.reason == Some(FailReason::Cancelled) && r.launch_id.is_empty()
 }
