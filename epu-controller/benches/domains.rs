@@ -87,6 +87,7 @@ async fn main() {
                 decision_interval_secs: 30.0,
                 debounce_ms: 0,
                 request_timeout_secs: 10.0,
+                ..Default::default()
             },
         },
         ControllerDeps {

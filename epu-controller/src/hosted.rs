@@ -2,7 +2,7 @@
 //! provisioner, and the handler of the controller's queue (one arm per op,
 //! each a typed request through `epu_core::request`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,8 +15,9 @@ use epu_core::store::StoreExt;
 use epu_core::telemetry::Health as Readiness;
 use epu_core::wire::{Op, ReplyError};
 use epu_model::messages::{
-    ControllerStatus, DescribeDomainRequest, DomainSummary, DumpStateRequest, ListDomainsRequest,
-    NodeRecord, ReconfigureRequest, RemoveDomainRequest, SensorInfo, StatusRequest,
+    ControllerStatus, DescribeDomainRequest, DescribeNodesRequest, DomainSummary,
+    ListDomainsRequest, NodeRecord, ReconfigureRequest, RemoveDomainRequest, SensorInfo,
+    StatusRequest,
 };
 use serde_json::Value;
 use tokio::sync::Mutex;
@@ -32,50 +33,213 @@ pub(crate) struct Hosted {
     pub(crate) domains: Mutex<BTreeMap<String, DomainHandle>>,
     /// Every domain's task: owned here, ended by [`Hosted::stop_domains`].
     pub(crate) tasks: std::sync::Mutex<JoinSet<()>>,
+    /// Removed domains still terminating their nodes (their tasks end once the
+    /// provisioner confirms every node terminal).
+    pub(crate) removing: Mutex<BTreeMap<String, DomainHandle>>,
     pub(crate) ready: Readiness,
     pub(crate) request_timeout: Duration,
+    /// Where the controller is in the provisioner's change feed.
+    pub(crate) feed: std::sync::Mutex<Feed>,
+    /// Wakes the resync loop early (a revision was skipped).
+    pub(crate) resync_now: tokio::sync::Notify,
+}
+
+/// Records per page of the change feed.
+pub(crate) const FEED_PAGE: usize = 1000;
+
+/// The controller's place in the provisioner's change feed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Feed {
+    /// Every revision up to this one has been applied.
+    pub(crate) applied: u64,
+}
+
+impl Feed {
+    /// An `instance_info` of `revision` arrived; true when revisions were
+    /// skipped (a message was lost, or went to another subscriber): resync.
+    pub(crate) fn observe(&mut self, revision: u64) -> bool {
+        if revision == 0 || revision <= self.applied {
+            return false;
+        }
+        if revision == self.applied + 1 {
+            self.applied = revision;
+            return false;
+        }
+        true
+    }
+
+    /// A resync read the feed up to `next`; `full`: from the start (which may
+    /// go back: a provisioner with a new store).
+    pub(crate) fn resynced(&mut self, next: u64, full: bool) {
+        self.applied = if full { next } else { self.applied.max(next) };
+    }
+}
+
+/// What one resync brought.
+#[derive(Debug, Default)]
+pub(crate) struct Resync {
+    pub(crate) records: Vec<NodeRecord>,
+    pub(crate) full: bool,
+    pub(crate) next: u64,
+    pub(crate) pages: usize,
 }
 
 impl Hosted {
-    /// Asks the provisioner for its node records (`dump_state`), retrying with
-    /// backoff until it answers.
+    /// Reads the change feed from `since` to its head, page by page.
+    pub(crate) async fn read_feed(&self, since: u64) -> Result<Resync, ReplyError> {
+        let mut out = Resync {
+            next: since,
+            ..Resync::default()
+        };
+        loop {
+            let reply = request::call(
+                self.shared.bus.as_ref(),
+                &self.shared.sender,
+                &DescribeNodesRequest::changes(out.next, FEED_PAGE),
+                self.request_timeout,
+            )
+            .await?;
+            if out.pages == 0 {
+                out.full = reply.full;
+            }
+            out.pages += 1;
+            out.next = reply.next;
+            out.records.extend(reply.nodes);
+            if !reply.more {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Every record of the provisioner, for the start: retried with backoff
+    /// until it answers (the feed's place is kept).
     pub(crate) async fn recover_nodes(&self) -> Vec<NodeRecord> {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5)).state();
         loop {
-            let asked = request::call(
-                self.shared.bus.as_ref(),
-                &self.shared.sender,
-                &DumpStateRequest::default(),
-                self.request_timeout,
-            )
-            .await;
-            match asked {
-                Ok(reply) => {
+            match self.read_feed(0).await {
+                Ok(r) => {
+                    self.count_resync("start", "ok");
                     tracing::info!(
                         event = "controller_recovered",
-                        nodes = reply.nodes.len(),
-                        "recovered node state from the provisioner"
+                        nodes = r.records.len(),
+                        revision = r.next,
+                        "recovered node state from the provisioner's change feed"
                     );
-                    return reply.nodes;
+                    lock(&self.feed).resynced(r.next, true);
+                    return r.records;
                 }
                 Err(e) => {
-                    tracing::warn!(event = "controller_recovery_wait", error = %e, "provisioner did not answer dump_state; retrying");
+                    self.count_resync("start", "failed");
+                    tracing::warn!(event = "controller_recovery_wait", error = %e, "provisioner did not answer describe_nodes; retrying");
                     backoff.wait().await;
                 }
             }
         }
     }
 
+    /// One resync: what changed since the last applied revision, to each domain;
+    /// after a full listing, each domain forgets the nodes it did not name.
+    pub(crate) async fn resync(&self, why: &'static str) -> Result<usize, ReplyError> {
+        let since = lock(&self.feed).applied;
+        let r = match self.read_feed(since).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.count_resync(why, "failed");
+                return Err(e);
+            }
+        };
+        let count = r.records.len();
+        let mut listed: HashMap<String, HashSet<String>> = HashMap::new();
+        for rec in r.records {
+            if r.full {
+                listed
+                    .entry(rec.domain.clone())
+                    .or_default()
+                    .insert(rec.node_id.clone());
+            }
+            self.route(rec).await;
+        }
+        if r.full {
+            let hosted: Vec<(String, DomainHandle)> = {
+                let d = self.domains.lock().await;
+                let rm = self.removing.lock().await;
+                d.iter()
+                    .chain(rm.iter())
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            };
+            for (name, h) in hosted {
+                h.send(DomainMsg::Listed(listed.remove(&name).unwrap_or_default()));
+            }
+        }
+        lock(&self.feed).resynced(r.next, r.full);
+        self.count_resync(why, "ok");
+        self.shared.metrics.resync_records.inc_by(count as u64);
+        if count > 0 || r.full {
+            tracing::info!(
+                event = "resync",
+                why,
+                since,
+                next = r.next,
+                records = count,
+                full = r.full,
+                pages = r.pages,
+                "applied the provisioner's changes"
+            );
+        }
+        Ok(count)
+    }
+
+    fn count_resync(&self, why: &str, outcome: &str) {
+        self.shared
+            .metrics
+            .resyncs
+            .with_label_values(&[why, outcome])
+            .inc();
+    }
+
+    /// The resync loop: every `every`, and soon after a skipped revision.
+    pub(crate) async fn resync_loop(self: Arc<Self>, every: Duration) {
+        loop {
+            let why = tokio::select! {
+                _ = tokio::time::sleep(every) => "interval",
+                _ = self.resync_now.notified() => {
+                    // Let the messages in flight land first.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    "gap"
+                }
+            };
+            if let Err(e) = self.resync(why).await {
+                tracing::warn!(event = "resync_failed", why, error = %e, "cannot read the provisioner's change feed; trying again");
+            }
+        }
+    }
+
+    /// Gives a node record to its domain (hosted, or being removed).
+    async fn route(&self, rec: NodeRecord) {
+        if let Some(d) = self.domains.lock().await.get(&rec.domain) {
+            d.send(DomainMsg::Node(Box::new(rec)));
+            return;
+        }
+        let mut removing = self.removing.lock().await;
+        removing.retain(|_, h| !h.tx.is_closed());
+        if let Some(d) = removing.get(&rec.domain) {
+            d.send(DomainMsg::Node(Box::new(rec)));
+        } else {
+            tracing::debug!(domain = %rec.domain, node_id = %rec.node_id, "update for a domain not hosted here");
+        }
+    }
+
     pub(crate) async fn handle(&self, msg: Incoming) -> Result<Value, ReplyError> {
         let env = msg.envelope;
+        let within = self.request_timeout;
         match env.op {
             Op::InstanceInfo => {
                 let rec: NodeRecord = env.parse_body()?;
-                let domains = self.domains.lock().await;
-                if let Some(d) = domains.get(&rec.domain) {
-                    d.send(DomainMsg::Node(Box::new(rec)));
-                } else {
-                    tracing::debug!(domain = %rec.domain, node_id = %rec.node_id, "update for a domain not hosted here");
+                let gap = lock(&self.feed).observe(rec.revision);
+                self.route(rec).await;
+                if gap {
+                    self.resync_now.notify_one();
                 }
                 Ok(Value::Null)
             }
@@ -88,9 +252,9 @@ impl Hosted {
                 Ok(Value::Null)
             }
             Op::Reconfigure => {
-                request::serve(&env, |req: ReconfigureRequest| async {
+                request::serve(&env, |req: ReconfigureRequest| async move {
                     let d = self.domain(&req.domain).await?;
-                    d.ask(|tx| DomainMsg::Reconfigure(Box::new(req), tx))
+                    d.ask(within, |tx| DomainMsg::Reconfigure(Box::new(req), tx))
                         .await?
                 })
                 .await
@@ -101,8 +265,11 @@ impl Hosted {
             Op::RemoveDomain => {
                 request::serve(&env, |r: RemoveDomainRequest| async move {
                     let d = self.domain(&r.domain).await?;
-                    let out = d.ask(DomainMsg::Remove).await??;
-                    self.domains.lock().await.remove(&r.domain);
+                    let out = d.ask(within, DomainMsg::Remove).await??;
+                    // It goes on terminating its nodes until the provisioner confirms.
+                    if let Some(h) = self.domains.lock().await.remove(&r.domain) {
+                        self.removing.lock().await.insert(r.domain.clone(), h);
+                    }
                     Ok(out)
                 })
                 .await
@@ -112,10 +279,15 @@ impl Hosted {
                     let handles: Vec<DomainHandle> =
                         self.domains.lock().await.values().cloned().collect();
                     let mut out = Vec::with_capacity(handles.len());
-                    for h in handles {
-                        if let Ok(v) = h.ask(DomainMsg::Summary).await {
-                            out.push(v);
-                        }
+                    // Asked together, each bounded: one busy domain neither
+                    // stalls the list nor hides the others.
+                    let asks = handles.iter().map(|h| h.ask(within, DomainMsg::Summary));
+                    for v in futures_util::future::join_all(asks)
+                        .await
+                        .into_iter()
+                        .flatten()
+                    {
+                        out.push(v);
                     }
                     Ok(out)
                 })
@@ -123,7 +295,10 @@ impl Hosted {
             }
             Op::DescribeDomain => {
                 request::serve(&env, |r: DescribeDomainRequest| async move {
-                    self.domain(&r.domain).await?.ask(DomainMsg::Describe).await
+                    self.domain(&r.domain)
+                        .await?
+                        .ask(within, DomainMsg::Describe)
+                        .await
                 })
                 .await
             }
@@ -169,6 +344,16 @@ impl Hosted {
                 policy.name
             )));
         }
+        {
+            let mut removing = self.removing.lock().await;
+            removing.retain(|_, h| !h.tx.is_closed());
+            if removing.contains_key(&policy.name) {
+                return Err(ReplyError::conflict(format!(
+                    "domain {:?} was removed and its nodes are still terminating; add it again once they are (`epumgmt status` shows them)",
+                    policy.name
+                )));
+            }
+        }
         self.shared
             .store
             .put_json(DOMAINS_TREE, &policy.name, &policy)
@@ -180,7 +365,7 @@ impl Hosted {
         let handle = self.spawn_domain(domain);
         domains.insert(name.clone(), handle.clone());
         drop(domains);
-        handle.ask(DomainMsg::Summary).await
+        handle.ask(self.request_timeout, DomainMsg::Summary).await
     }
 
     /// The names of the hosted domains.
@@ -200,9 +385,15 @@ impl Hosted {
     /// end; a task still deciding after that is aborted.
     pub(crate) async fn stop_domains(&self, within: Duration) {
         self.domains.lock().await.clear();
+        self.removing.lock().await.clear();
         let set = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
         epu_core::service::join_within(set, within, "domain tasks").await;
     }
+}
+
+/// The feed's place, also after a panic elsewhere held the lock.
+fn lock(m: &std::sync::Mutex<Feed>) -> std::sync::MutexGuard<'_, Feed> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 pub(crate) struct ControllerHandler(pub(crate) Arc<Hosted>);

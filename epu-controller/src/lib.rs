@@ -58,8 +58,13 @@ pub struct Timing {
     pub decision_interval_secs: f64,
     /// After a change, wait this long for more changes before deciding.
     pub debounce_ms: u64,
-    /// Timeout of requests to the provisioner.
+    /// Timeout of requests to the provisioner, and of a request's wait on a
+    /// domain's task.
     pub request_timeout_secs: f64,
+    /// How often the controller asks the provisioner's change feed for what
+    /// changed since the last revision it applied (it also does when it sees a
+    /// revision skipped): a lost `instance_info` is repaired within this.
+    pub resync_secs: f64,
 }
 
 impl Default for Timing {
@@ -68,6 +73,7 @@ impl Default for Timing {
             decision_interval_secs: 5.0,
             debounce_ms: 50,
             request_timeout_secs: 10.0,
+            resync_secs: 10.0,
         }
     }
 }

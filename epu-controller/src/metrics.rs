@@ -15,6 +15,10 @@ pub struct ControllerMetrics {
     /// `read_launches`, `reconfigure`, `remove`). Each is also logged with
     /// `event = "store_failed"`.
     pub store_errors: IntCounterVec,
+    /// Resyncs from the provisioner's change feed, by why and how they went.
+    pub resyncs: IntCounterVec,
+    /// Records a resync brought (changes the messages had not).
+    pub resync_records: prometheus::IntCounter,
 }
 
 impl ControllerMetrics {
@@ -70,6 +74,17 @@ impl ControllerMetrics {
                 ),
                 &["domain", "op"],
             )?,
+            resyncs: IntCounterVec::new(
+                Opts::new(
+                    "epu_controller_resyncs_total",
+                    "resyncs from the provisioner's change feed (why: interval, gap, start; outcome: ok, failed)",
+                ),
+                &["why", "outcome"],
+            )?,
+            resync_records: prometheus::IntCounter::new(
+                "epu_controller_resync_records_total",
+                "node records the resyncs brought",
+            )?,
         };
         registry.register(Box::new(m.decisions.clone()))?;
         registry.register(Box::new(m.launches.clone()))?;
@@ -78,6 +93,8 @@ impl ControllerMetrics {
         registry.register(Box::new(m.actual.clone()))?;
         registry.register(Box::new(m.decision_seconds.clone()))?;
         registry.register(Box::new(m.store_errors.clone()))?;
+        registry.register(Box::new(m.resyncs.clone()))?;
+        registry.register(Box::new(m.resync_records.clone()))?;
         Ok(m)
     }
 }

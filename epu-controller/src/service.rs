@@ -17,8 +17,8 @@ use epu_core::wire::{ReplyError, RunName, Service as BusService};
 use epu_model::messages::{DomainSummary, NodeRecord};
 use tokio::sync::Mutex;
 
-use crate::domain::{Domain, Shared, DOMAINS_TREE};
-use crate::hosted::{ControllerHandler, Hosted};
+use crate::domain::{Domain, Shared, DOMAINS_TREE, REMOVING_TREE};
+use crate::hosted::{ControllerHandler, Feed, Hosted};
 use crate::metrics::ControllerMetrics;
 use crate::policy::DomainPolicy;
 use crate::{ControllerError, Timing};
@@ -60,6 +60,8 @@ pub struct Controller {
 pub struct RunningController {
     hosted: Arc<Hosted>,
     server: Option<Server>,
+    /// The resync loop (aborted at stop: it only reads and forwards).
+    resync: tokio::task::JoinHandle<()>,
 }
 
 impl Controller {
@@ -104,10 +106,20 @@ impl Controller {
         let (shared, registry) = (&self.shared, &self.registry);
         let store = &shared.store;
         let mut all: BTreeMap<String, DomainPolicy> = BTreeMap::new();
+        // Removals recorded but not finished: their domains go on terminating.
+        let removing: BTreeMap<String, DomainPolicy> = store
+            .scan_json::<DomainPolicy>(REMOVING_TREE)?
+            .into_iter()
+            .collect();
         for (name, stored) in store.scan_json::<DomainPolicy>(DOMAINS_TREE)? {
-            all.insert(name, stored);
+            if !removing.contains_key(&name) {
+                all.insert(name, stored);
+            }
         }
         for (name, p) in self.setup.policies.clone() {
+            if removing.contains_key(&name) {
+                continue;
+            }
             if let std::collections::btree_map::Entry::Vacant(slot) = all.entry(name) {
                 store.put_json(DOMAINS_TREE, slot.key(), &p)?;
                 slot.insert(p);
@@ -118,10 +130,13 @@ impl Controller {
             registry: registry.clone(),
             domains: Mutex::new(BTreeMap::new()),
             tasks: std::sync::Mutex::new(tokio::task::JoinSet::new()),
+            removing: Mutex::new(BTreeMap::new()),
             ready: self.readiness.clone(),
             request_timeout: Duration::from_secs_f64(
                 self.setup.timing.request_timeout_secs.max(0.1),
             ),
+            feed: std::sync::Mutex::new(Feed::default()),
+            resync_now: tokio::sync::Notify::new(),
         });
         let known = hosted.recover_nodes().await;
         let mut by_domain: HashMap<String, Vec<NodeRecord>> = HashMap::new();
@@ -148,7 +163,24 @@ impl Controller {
             for (name, domain) in recovered {
                 domains.insert(name, hosted.spawn_domain(domain));
             }
+            let mut gone = hosted.removing.lock().await;
+            for (name, policy) in removing {
+                let engine = match policy.create_engine(registry, &format!("removed domain {name}"))
+                {
+                    Ok(e) => e,
+                    Err(e) => {
+                        tracing::error!(domain = %name, error = %e, "cannot rebuild the removed domain to finish its removal; its nodes are left to killrun");
+                        continue;
+                    }
+                };
+                let nodes = by_domain.remove(&name).unwrap_or_default();
+                tracing::info!(event = "domain_removal_resumed", domain = %name, nodes = nodes.len(), "finishing a removal");
+                let domain = Domain::new(shared.clone(), policy, engine, nodes)?.into_removing();
+                gone.insert(name, hosted.spawn_domain(domain));
+            }
         }
+        let every = Duration::from_secs_f64(self.setup.timing.resync_secs.max(0.1));
+        let resync = tokio::spawn(hosted.clone().resync_loop(every));
         let served = shared
             .bus
             .serve(
@@ -159,6 +191,7 @@ impl Controller {
         let server = match served {
             Ok(s) => s,
             Err(e) => {
+                resync.abort();
                 hosted.stop_domains(STOP_WITHIN).await;
                 return Err(e.into());
             }
@@ -167,6 +200,7 @@ impl Controller {
         Ok(RunningController {
             hosted,
             server: Some(server),
+            resync,
         })
     }
 }
@@ -219,6 +253,7 @@ impl Running for RunningController {
         if let Some(server) = self.server.take() {
             server.stop().await;
         }
+        self.resync.abort();
         self.hosted.stop_domains(STOP_WITHIN).await;
     }
 }

@@ -46,6 +46,7 @@ fn fast() -> Timing {
         decision_interval_secs: 0.2,
         debounce_ms: 20,
         request_timeout_secs: 5.0,
+        ..Default::default()
     }
 }
 

@@ -117,6 +117,7 @@ async fn start_controller(bus: &LocalBus, run: &RunName) -> RunningController {
                     decision_interval_secs: 0.2,
                     debounce_ms: 20,
                     request_timeout_secs: 5.0,
+                    ..Default::default()
                 },
             },
             ControllerDeps {

@@ -19,7 +19,7 @@ mod pipeline;
 mod tests;
 mod view;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,6 +44,9 @@ use crate::policy::DomainPolicy;
 pub(crate) const DOMAINS_TREE: &str = "domains";
 pub(crate) const LAUNCHES_TREE: &str = "launches";
 pub(crate) const FAILURES_TREE: &str = "launch_failures";
+/// Domains being removed (their policy), until the provisioner has confirmed
+/// every node of theirs terminal.
+pub(crate) const REMOVING_TREE: &str = "removing";
 
 /// The var that carries a unique instance's key through the provisioner and back.
 pub const UNIQUE_KEY_VAR: &str = "unique_key";
@@ -52,6 +55,12 @@ pub const UNIQUE_KEY_VAR: &str = "unique_key";
 const KEEP_TERMINAL: chrono::TimeDelta = chrono::TimeDelta::seconds(300);
 /// A stored launch not yet acknowledged by the provisioner is sent again after this.
 const RESEND_LAUNCH_AFTER: chrono::TimeDelta = chrono::TimeDelta::seconds(15);
+/// A node asked to terminate and not yet reported terminal is asked again after
+/// this, until the provisioner confirms.
+const RESEND_TERMINATE_AFTER: chrono::TimeDelta = chrono::TimeDelta::seconds(30);
+/// A launch failure or success older than this does not count toward backoff
+/// when it is first seen (a restart's listing, a full resync): it is history.
+const RECENT: chrono::TimeDelta = chrono::TimeDelta::seconds(600);
 /// Decisions remembered per domain for `inspect decisions`.
 const KEEP_DECISIONS: usize = 50;
 
@@ -116,6 +125,10 @@ impl NodeView {
 
 pub(crate) enum DomainMsg {
     Node(Box<NodeRecord>),
+    /// A full listing of the provisioner's records named these of the domain's
+    /// nodes: the others it held are gone (placeholders of unacknowledged
+    /// launches excepted).
+    Listed(HashSet<String>),
     Sensors(Box<SensorInfo>),
     Reconfigure(
         Box<ReconfigureRequest>,
@@ -137,16 +150,29 @@ impl DomainHandle {
         self.tx.send(msg).is_ok()
     }
 
+    /// Asks the domain's task and waits for its answer, at most `within`: a
+    /// domain busy deciding (a slow provisioner, a slow store) is an
+    /// `unavailable` answer, never a request that hangs.
     pub async fn ask<T>(
         &self,
+        within: Duration,
         make: impl FnOnce(oneshot::Sender<T>) -> DomainMsg,
     ) -> Result<T, ReplyError> {
         let (tx, rx) = oneshot::channel();
         if !self.send(make(tx)) {
             return Err(ReplyError::not_found("the domain was removed"));
         }
-        rx.await
-            .map_err(|_| ReplyError::not_found("the domain was removed"))
+        match tokio::time::timeout(within, rx).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(_)) => Err(ReplyError::not_found("the domain was removed")),
+            Err(_) => Err(ReplyError::new(
+                epu_core::wire::ErrorCode::Unavailable,
+                format!(
+                    "the domain did not answer within {} s (busy deciding); try again",
+                    within.as_secs_f64()
+                ),
+            )),
+        }
     }
 }
 
@@ -159,6 +185,39 @@ pub(crate) struct Domain {
     failures: LaunchFailures,
     decisions: VecDeque<DecisionRecord>,
     desired: u64,
+    /// When `terminate_nodes` was last sent for a node not yet terminal.
+    terminate_sent: HashMap<String, DateTime<Utc>>,
+    /// Removed: no more decisions; terminating every node until the provisioner
+    /// confirms, then the task ends.
+    removing: bool,
+}
+
+/// Whether `next` is later news of a node than `prev`: never a state before the
+/// one held (the controller's own TERMINATING mark stays until the provisioner
+/// reports TERMINATING or later); from the provisioner's feed, a higher revision;
+/// the first record from the feed after a placeholder; else a later state.
+pub(crate) fn newer(prev: &NodeRecord, next: &NodeRecord) -> bool {
+    if next.state < prev.state {
+        return false;
+    }
+    match (prev.revision, next.revision) {
+        (_, 0) => next.state > prev.state,
+        (0, _) => true,
+        (p, n) => n > p,
+    }
+}
+
+/// Whether a node's change to `state` at `at` counts toward the launch-failure
+/// backoff: only a change after the last failure counted (a restart's listing
+/// does not count again what the stored count holds) and, for a node first seen,
+/// only a recent one (old history is not a fresh failure).
+pub(crate) fn counts_toward_backoff(
+    failures: &LaunchFailures,
+    first_seen: bool,
+    at: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> bool {
+    failures.last_at.is_none_or(|last| at > last) && (!first_seen || now - at <= RECENT)
 }
 
 impl Domain {
@@ -196,6 +255,8 @@ impl Domain {
             failures,
             decisions: VecDeque::new(),
             desired: 0,
+            terminate_sent: HashMap::new(),
+            removing: false,
         };
         for r in known {
             d.apply_node(r);
@@ -235,13 +296,9 @@ impl Domain {
                     let Some(msg) = msg else { return };
                     match msg {
                         DomainMsg::Remove(reply) => {
-                            let r = self.remove().await;
                             // A removal the store refused changed nothing: keep serving.
-                            let removed = r.is_ok();
+                            let r = self.remove().await;
                             let _ = reply.send(r);
-                            if removed {
-                                return;
-                            }
                         }
                         other => {
                             if self.handle(other).await && due.is_none() {
@@ -249,13 +306,24 @@ impl Domain {
                             }
                         }
                     }
+                    if self.removing && self.finish_removal() {
+                        return;
+                    }
                 }
                 _ = tokio::time::sleep_until(wake), if due.is_some() => {
                     due = None;
                     self.decide().await;
                 }
                 _ = tick.tick() => {
+                    if self.removing {
+                        self.terminate_leftovers().await;
+                        if self.finish_removal() {
+                            return;
+                        }
+                        continue;
+                    }
                     self.resend_stale_launches().await;
+                    self.resend_stale_terminations().await;
                     self.forget_old_terminal();
                     self.decide().await;
                 }
@@ -267,6 +335,7 @@ impl Domain {
     async fn handle(&mut self, msg: DomainMsg) -> bool {
         match msg {
             DomainMsg::Node(r) => self.apply_node(*r),
+            DomainMsg::Listed(ids) => self.apply_listing(&ids),
             DomainMsg::Sensors(s) => self.apply_sensors(*s),
             DomainMsg::Reconfigure(req, reply) => {
                 let r = self.reconfigure(*req);
@@ -319,13 +388,26 @@ impl Domain {
     /// write succeeds, and an acknowledged launch whose stored intent cannot be
     /// deleted stays stored (it is resent; the provisioner knows its launch id).
     fn apply_node(&mut self, record: NodeRecord) -> bool {
-        let previous = self.nodes.get(&record.node_id).map(|n| n.record.state);
-        if previous.is_some_and(|p| record.state <= p) {
+        let held = self.nodes.get(&record.node_id).map(|n| &n.record);
+        if held.is_some_and(|p| !newer(p, &record)) {
             return false;
         }
-        let at = record.since().unwrap_or_else(|| self.shared.clock.now());
+        let previous = held.map(|p| p.state);
+        let now = self.shared.clock.now();
+        let at = record.since().unwrap_or(now);
+        if previous.is_none() && record.state.is_terminal() && now - at > KEEP_TERMINAL {
+            // History (a restart's listing, a full resync): nothing to show or count.
+            self.forget_launch(&record.launch_id);
+            return false;
+        }
+        if record.state.is_terminal() {
+            self.terminate_sent.remove(&record.node_id);
+        }
         let mut failures = self.failures;
-        if failures.observe(previous, record.state, at) {
+        if counts_toward_backoff(&failures, previous.is_none(), at, now)
+            && previous != Some(record.state)
+            && failures.observe(previous, record.state, at)
+        {
             match self
                 .shared
                 .store
@@ -381,6 +463,22 @@ impl Domain {
                 );
             }
         }
+    }
+
+    /// A full listing named `listed` of the domain's nodes: every other node it
+    /// holds is gone from the provisioner (pruned, or a provisioner with a new
+    /// store), except the placeholders of launches not yet acknowledged.
+    fn apply_listing(&mut self, listed: &HashSet<String>) -> bool {
+        let before = self.nodes.len();
+        self.nodes.retain(|id, v| {
+            let placeholder = v.record.revision == 0;
+            listed.contains(id) || placeholder
+        });
+        let dropped = before - self.nodes.len();
+        if dropped > 0 {
+            tracing::info!(event = "nodes_forgotten", domain = %self.policy.name, dropped, "the provisioner's full listing no longer names these nodes");
+        }
+        dropped > 0
     }
 
     fn apply_sensors(&mut self, info: SensorInfo) -> bool {
@@ -485,12 +583,25 @@ impl Domain {
                 "cannot remove domain {name:?} from the controller's store: {e}; it keeps running, remove it again once the store works"
             ))
         };
+        if self.removing {
+            return Err(ReplyError::not_found(format!(
+                "domain {:?} is already being removed",
+                self.policy.name
+            )));
+        }
         let launches = pending_launches(self.shared.store.as_ref(), &self.policy.name)
+            .map_err(|e| refused(&self.shared, &self.policy.name, e))?;
+        // The removal is recorded before the domain is forgotten, so a restart
+        // goes on terminating its nodes instead of leaving them unmanaged.
+        self.shared
+            .store
+            .put_json(REMOVING_TREE, &self.policy.name, &self.policy)
             .map_err(|e| refused(&self.shared, &self.policy.name, e))?;
         self.shared
             .store
             .delete(DOMAINS_TREE, &self.policy.name)
             .map_err(|e| refused(&self.shared, &self.policy.name, e))?;
+        self.removing = true;
         let leftovers = std::iter::once((FAILURES_TREE, self.policy.name.clone()))
             .chain(launches.into_iter().map(|(k, _)| (LAUNCHES_TREE, k)));
         for (tree, key) in leftovers {
@@ -513,11 +624,55 @@ impl Domain {
         if !ids.is_empty() {
             self.destroy(&ids).await;
         }
-        tracing::info!(event = "domain_removed", domain = %self.policy.name, terminating = ids.len(), "removed");
+        tracing::info!(event = "domain_removed", domain = %self.policy.name, terminating = ids.len(), "removed; terminating its nodes until the provisioner confirms");
         Ok(RemoveDomainReply {
             domain: self.policy.name.clone(),
             terminating: ids,
         })
+    }
+}
+
+impl Domain {
+    /// A domain whose removal was recorded (a restart in the middle of it): it
+    /// goes on terminating its nodes and never decides.
+    pub(crate) fn into_removing(mut self) -> Self {
+        self.removing = true;
+        self
+    }
+
+    /// While removing: asks to terminate every node not yet terminal (nodes the
+    /// provisioner reports later, from a launch that was on its way, included),
+    /// each at most every `RESEND_TERMINATE_AFTER`.
+    async fn terminate_leftovers(&mut self) {
+        let fresh: Vec<String> = self
+            .nodes
+            .values()
+            .filter(|v| v.record.state.is_terminable() && v.record.state < NodeState::Terminating)
+            .map(|v| v.record.node_id.clone())
+            .collect();
+        if !fresh.is_empty() {
+            self.destroy(&fresh).await;
+        }
+        self.resend_stale_terminations().await;
+    }
+
+    /// While removing: true once every node is terminal; the removal's record is
+    /// then deleted (if that fails, the next start finishes it again).
+    fn finish_removal(&mut self) -> bool {
+        if self.nodes.values().any(|v| !v.record.state.is_terminal()) {
+            return false;
+        }
+        if let Err(e) = self.shared.store.delete(REMOVING_TREE, &self.policy.name) {
+            store_failed(
+                &self.shared,
+                &self.policy.name,
+                "remove",
+                &e,
+                "the finished removal stays recorded; the next start finishes it again",
+            );
+        }
+        tracing::info!(event = "domain_removal_done", domain = %self.policy.name, "every node of the removed domain is terminal");
+        true
     }
 }
 

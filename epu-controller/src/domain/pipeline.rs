@@ -31,7 +31,8 @@ use uuid::Uuid;
 
 use super::{
     launch_key, pending_launches, store_failed, DecisionRecord, Domain, NodeView, PendingLaunch,
-    Shared, KEEP_DECISIONS, LAUNCHES_TREE, RESEND_LAUNCH_AFTER, UNIQUE_KEY_VAR,
+    Shared, KEEP_DECISIONS, LAUNCHES_TREE, RESEND_LAUNCH_AFTER, RESEND_TERMINATE_AFTER,
+    UNIQUE_KEY_VAR,
 };
 
 /// The one-shot failpoint (`epu_core::failpoint`) between storing a launch and
@@ -190,7 +191,7 @@ pub(super) fn undo_partial(current: &EngineConfig, partial: &EngineConfig) -> En
 impl Domain {
     /// One decision: observe → decide → act → remember → metrics.
     pub(super) async fn decide(&mut self) {
-        if self.policy.paused {
+        if self.policy.paused || self.removing {
             return;
         }
         let started = Instant::now();
@@ -331,10 +332,24 @@ impl Domain {
     }
 
     /// Marks the nodes TERMINATING and asks the provisioner to terminate them; if
-    /// the send fails the mark is undone so the engine sees them again.
+    /// the send fails the mark is undone so the engine sees them again. A node
+    /// whose launch was never acknowledged is first taken out of its stored launch
+    /// (the controller's tombstone: the launch is never resent with it); the
+    /// provisioner tombstones an id it does not know, so a `provision` already on
+    /// its way cannot start it. Such a node keeps its mark when the send fails: the
+    /// tick sends it again.
     pub(super) async fn destroy(&mut self, ids: &[String]) {
+        let cancelled = self.cancel_unsent(ids);
+        let ids: Vec<String> = ids
+            .iter()
+            .filter(|id| !cancelled.refused.contains(*id))
+            .cloned()
+            .collect();
+        if ids.is_empty() {
+            return;
+        }
         let now = self.shared.clock.now();
-        for id in ids {
+        for id in &ids {
             if let Some(v) = self.nodes.get_mut(id) {
                 if v.record.state < NodeState::Terminating {
                     v.record.state = NodeState::Terminating;
@@ -342,6 +357,86 @@ impl Domain {
                 }
             }
         }
+        if self.send_terminate(&ids).await {
+            return;
+        }
+        // Undo the local mark so the engine sees them again.
+        for id in ids.iter().filter(|id| !cancelled.done.contains(*id)) {
+            if let Some(v) = self.nodes.get_mut(id) {
+                v.record.state_times.remove(&NodeState::Terminating);
+                if let Some((s, _)) = v.record.state_times.iter().next_back() {
+                    v.record.state = *s;
+                }
+            }
+        }
+    }
+
+    /// Takes the placeholders among `ids` (nodes of launches the provisioner has
+    /// not acknowledged) out of their stored launches (deleted once empty).
+    fn cancel_unsent(&mut self, ids: &[String]) -> Cancelled {
+        let mut out = Cancelled::default();
+        let unsent: Vec<&String> = ids
+            .iter()
+            .filter(|id| {
+                self.nodes.get(*id).is_some_and(|v| {
+                    v.record.revision == 0 && v.record.state == NodeState::Requesting
+                })
+            })
+            .collect();
+        if unsent.is_empty() {
+            return out;
+        }
+        let pending = match pending_launches(self.shared.store.as_ref(), &self.policy.name) {
+            Ok(p) => p,
+            Err(e) => {
+                store_failed(
+                    &self.shared,
+                    &self.policy.name,
+                    "cancel_launch",
+                    &e,
+                    "cannot read the stored launches; their unsent nodes are not destroyed this time",
+                );
+                out.refused.extend(unsent.into_iter().cloned());
+                return out;
+            }
+        };
+        for (key, mut p) in pending {
+            let (gone, kept): (Vec<String>, Vec<String>) = p
+                .node_ids
+                .iter()
+                .cloned()
+                .partition(|id| unsent.contains(&id));
+            if gone.is_empty() {
+                continue;
+            }
+            p.node_ids = kept;
+            let written = if p.node_ids.is_empty() {
+                self.shared.store.delete(LAUNCHES_TREE, &key)
+            } else {
+                self.shared.store.put_json(LAUNCHES_TREE, &key, &p)
+            };
+            match written {
+                Ok(()) => {
+                    tracing::info!(event = "launch_cancelled", domain = %self.policy.name, launch_id = %p.launch_id, nodes = ?gone, "unsent nodes taken out of their launch");
+                    out.done.extend(gone);
+                }
+                Err(e) => {
+                    store_failed(
+                        &self.shared,
+                        &self.policy.name,
+                        "cancel_launch",
+                        &e,
+                        "cannot take unsent nodes out of their stored launch; they are not destroyed this time",
+                    );
+                    out.refused.extend(gone);
+                }
+            }
+        }
+        out
+    }
+
+    /// Sends `terminate_nodes` (with the domain, for tombstones); true when sent.
+    async fn send_terminate(&mut self, ids: &[String]) -> bool {
         let req = TerminateNodesRequest {
             node_ids: ids.to_vec(),
             domain: Some(self.policy.name.clone()),
@@ -355,24 +450,54 @@ impl Domain {
             Ok(e) => e,
             Err(e) => {
                 tracing::error!(error = %e, "cannot encode terminate_nodes");
-                return;
+                return false;
             }
         };
         if let Err(e) = self.shared.bus.send(Service::Provisioner, &env).await {
-            tracing::warn!(domain = %self.policy.name, error = %e, "terminate_nodes not sent; the next decision retries");
-            // Undo the local mark so the engine sees them again.
-            for id in ids {
-                if let Some(v) = self.nodes.get_mut(id) {
-                    v.record.state_times.remove(&NodeState::Terminating);
-                    if let Some((s, _)) = v.record.state_times.iter().next_back() {
-                        v.record.state = *s;
-                    }
-                }
-            }
-        } else {
-            tracing::info!(event = "terminate_sent", domain = %self.policy.name, nodes = ?ids, "asked the provisioner to terminate");
+            tracing::warn!(domain = %self.policy.name, error = %e, "terminate_nodes not sent; sent again later");
+            return false;
+        }
+        let now = self.shared.clock.now();
+        for id in ids {
+            self.terminate_sent.insert(id.clone(), now);
+        }
+        tracing::info!(event = "terminate_sent", domain = %self.policy.name, nodes = ?ids, "asked the provisioner to terminate");
+        true
+    }
+
+    /// Asks again to terminate the nodes marked TERMINATING that the provisioner
+    /// has not reported terminal for a while: a lost `terminate_nodes`, or a
+    /// launch that arrived after its cancel, is repaired here.
+    pub(super) async fn resend_stale_terminations(&mut self) {
+        let now = self.shared.clock.now();
+        let due: Vec<String> = self
+            .nodes
+            .values()
+            .filter(|v| v.record.state == NodeState::Terminating)
+            .filter(|v| {
+                let last = self
+                    .terminate_sent
+                    .get(&v.record.node_id)
+                    .copied()
+                    .or_else(|| v.record.since());
+                last.is_none_or(|t| now - t >= RESEND_TERMINATE_AFTER)
+            })
+            .map(|v| v.record.node_id.clone())
+            .collect();
+        if !due.is_empty() {
+            tracing::info!(event = "terminate_resent", domain = %self.policy.name, nodes = due.len(), "not confirmed terminated yet: asking again");
+            self.send_terminate(&due).await;
         }
     }
+}
+
+/// What [`Domain::cancel_unsent`] did.
+#[derive(Default)]
+struct Cancelled {
+    /// Taken out of their stored launch.
+    done: std::collections::HashSet<String>,
+    /// Could not be (the store failed): not destroyed now.
+    refused: std::collections::HashSet<String>,
 }
 
 /// Sends `provision` for a stored launch and, once sent, records when (if the

@@ -15,6 +15,9 @@ use epu_model::messages::{ProvisionRequest, TerminateNodesRequest};
 use epu_testkit::records::node;
 use serde_json::json;
 
+/// How long a test waits on a domain task's answer.
+const T: Duration = Duration::from_secs(10);
+
 use super::*;
 
 // ---- test doubles -----------------------------------------------------------------
@@ -169,14 +172,14 @@ impl Bus for RecordingBus {
         _timeout: Duration,
     ) -> Result<Value, ReplyError> {
         match envelope.op {
-            // An empty provisioner (the fields of every dump_state answer so far).
-            Op::DumpState => Ok(json!({
-                "run": self.run.as_str(),
+            // An empty provisioner: its change feed lists nothing.
+            Op::DescribeNodes => Ok(json!({
                 "enabled": true,
-                "drivers": [],
-                "counts": {},
-                "launches": [],
                 "nodes": [],
+                "revision": 0,
+                "next": 0,
+                "more": false,
+                "full": true,
             })),
             other => Err(ReplyError::internal(format!("test bus: no {other}"))),
         }
@@ -509,14 +512,14 @@ async fn decide_table() {
         Case {
             stored: vec![("l-old", vec!["p"])],
             ..case(
-                // Today's behaviour, kept: the placeholder is marked TERMINATING and its
-                // id sent (the provisioner does not know it), and its stored launch stays
-                // (it is resent on the next tick).
-                "destroy of a not-yet-sent placeholder: terminate_nodes, launch stays stored",
+                // The placeholder is taken out of its stored launch (deleted: it had
+                // no other node), so it is never resent; marked TERMINATING; its id
+                // sent with the domain, for the provisioner's tombstone.
+                "destroy of a not-yet-sent placeholder: cancelled in the store, then terminate_nodes",
                 destroy(&["p"]),
                 Want {
                     sent: vec![(Op::TerminateNodes, 1)],
-                    stored_launches: 1,
+                    stored_launches: 0,
                     logged_launched: Some(0),
                     terminating: vec!["p"],
                     ..Want::default()
@@ -835,18 +838,21 @@ async fn a_removal_the_store_refuses_keeps_the_domain_running() {
 
     store.fail_writes.store(true, Ordering::SeqCst);
     let r = handle
-        .ask(DomainMsg::Remove)
+        .ask(T, DomainMsg::Remove)
         .await
         .expect("the domain answers");
     let err = r.expect_err("the store refused");
     assert!(err.to_string().contains("keeps running"), "{err}");
     assert!(bus.sent().is_empty(), "nothing terminated");
-    let summary = handle.ask(DomainMsg::Summary).await.expect("still serving");
+    let summary = handle
+        .ask(T, DomainMsg::Summary)
+        .await
+        .expect("still serving");
     assert_eq!(summary.domain, "web");
 
     store.fail_writes.store(false, Ordering::SeqCst);
     let out = handle
-        .ask(DomainMsg::Remove)
+        .ask(T, DomainMsg::Remove)
         .await
         .expect("the domain answers")
         .expect("removed");
@@ -854,10 +860,25 @@ async fn a_removal_the_store_refuses_keeps_the_domain_running() {
     let ops: Vec<Op> = bus.sent().iter().map(|s| s.op).collect();
     assert_eq!(ops, vec![Op::TerminateNodes]);
     assert!(store.get(DOMAINS_TREE, "web").expect("read").is_none());
-    assert!(
-        handle.ask(DomainMsg::Summary).await.is_err(),
-        "the task ended"
-    );
+    // Removed, but still terminating: the removal is recorded until the
+    // provisioner confirms, and the domain no longer decides.
+    assert!(store.get(REMOVING_TREE, "web").expect("read").is_some());
+    handle
+        .ask(T, DomainMsg::Summary)
+        .await
+        .expect("still terminating its node");
+    let done = node("web", "a")
+        .launch("l-1")
+        .state(NodeState::Terminated)
+        .at(t(1))
+        .revision(7)
+        .build();
+    handle.send(DomainMsg::Node(Box::new(done)));
+    epu_testkit::wait::eventually(T, "the task ends once its node is terminal", || async {
+        handle.tx.is_closed()
+    })
+    .await;
+    assert!(store.get(REMOVING_TREE, "web").expect("read").is_none());
 }
 
 #[tokio::test]
@@ -879,4 +900,198 @@ async fn a_description_never_carries_a_broker_password() {
         Some("amqp://worker:s3cret@broker:5672/%2f"),
         "the controller itself keeps the real URL"
     );
+}
+
+#[test]
+fn newer_news_table() {
+    use NodeState::*;
+    let rec = |state, revision| node("web", "a").state(state).revision(revision).build();
+    // (held, arriving, applied?)
+    let cases = [
+        (
+            "placeholder, then the feed's first word",
+            rec(Requesting, 0),
+            rec(Requesting, 4),
+            true,
+        ),
+        (
+            "a later revision with the same state (facts)",
+            rec(Running, 4),
+            rec(Running, 5),
+            true,
+        ),
+        ("an older revision", rec(Running, 5), rec(Running, 4), false),
+        ("a repeat", rec(Running, 5), rec(Running, 5), false),
+        (
+            "never backwards, whatever the revision",
+            rec(Terminating, 5),
+            rec(Running, 6),
+            false,
+        ),
+        (
+            "the local TERMINATING mark, then the provisioner's",
+            rec(Terminating, 5),
+            rec(Terminating, 7),
+            true,
+        ),
+        (
+            "no revision: a later state",
+            rec(Pending, 0),
+            rec(Running, 0),
+            true,
+        ),
+        (
+            "no revision: the same state",
+            rec(Running, 3),
+            rec(Running, 0),
+            false,
+        ),
+    ];
+    for (what, held, next, want) in cases {
+        assert_eq!(newer(&held, &next), want, "{what}");
+    }
+}
+
+#[test]
+fn what_counts_toward_backoff_table() {
+    let now = t(10_000);
+    let none = LaunchFailures::default();
+    let last = LaunchFailures {
+        consecutive: 2,
+        last_at: Some(t(9_000)),
+    };
+    // (failures so far, first seen, changed at, counts?)
+    let cases = [
+        ("a fresh failure", none, false, t(9_990), true),
+        ("first seen and recent", none, true, t(9_500), true),
+        (
+            "first seen and an hour old: history",
+            none,
+            true,
+            t(6_400),
+            false,
+        ),
+        (
+            "not after the last counted failure: counted already",
+            last,
+            true,
+            t(9_000),
+            false,
+        ),
+        ("after the last counted one", last, false, t(9_100), true),
+        ("before the last counted one", last, false, t(8_000), false),
+    ];
+    for (what, failures, first_seen, at, want) in cases {
+        assert_eq!(
+            counts_toward_backoff(&failures, first_seen, at, now),
+            want,
+            "{what}"
+        );
+    }
+}
+
+#[test]
+fn the_feed_cursor_moves_only_without_holes() {
+    use crate::hosted::Feed;
+    let mut f = Feed::default();
+    // (revision arriving, a gap?, applied after)
+    let steps = [
+        (1, false, 1),
+        (2, false, 2),
+        (2, false, 2),
+        (0, false, 2),
+        (4, true, 2),
+        (5, true, 2),
+        (3, false, 3),
+    ];
+    for (rev, gap, applied) in steps {
+        assert_eq!(f.observe(rev), gap, "revision {rev}");
+        assert_eq!(f.applied, applied, "after revision {rev}");
+    }
+    f.resynced(9, false);
+    assert_eq!(f.applied, 9);
+    f.resynced(7, false);
+    assert_eq!(f.applied, 9, "a diff never moves back");
+    f.resynced(2, true);
+    assert_eq!(
+        f.applied, 2,
+        "a full listing of a provisioner with a new store does"
+    );
+}
+
+#[tokio::test]
+async fn a_domain_that_does_not_answer_is_unavailable_not_a_hang() {
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let handle = DomainHandle { tx };
+    let err = handle
+        .ask(Duration::from_millis(100), DomainMsg::Summary)
+        .await
+        .expect_err("nobody answers");
+    assert_eq!(err.code, epu_core::wire::ErrorCode::Unavailable, "{err}");
+    assert!(err.message.contains("did not answer"), "{err}");
+}
+
+#[tokio::test]
+async fn a_cancelled_unsent_launch_is_never_resent_and_its_terminate_is_repeated_until_confirmed() {
+    let store = Arc::new(FlakyStore::default());
+    stored_launch(&store, "l-two", &["p", "q"]);
+    let mut h = Harness::over(store, policy(false, false), Control::new(), vec![]).expect("starts");
+    // The broker is down: the terminate cannot be sent.
+    h.bus.fail_sends.store(true, Ordering::SeqCst);
+    h.domain.destroy(&["p".to_string()]).await;
+    let left: Option<PendingLaunch> = h
+        .store
+        .get_json(LAUNCHES_TREE, &launch_key("web", "l-two"))
+        .expect("read");
+    assert_eq!(
+        left.map(|p| p.node_ids),
+        Some(vec!["q".to_string()]),
+        "p is out of its launch: a resend launches q only"
+    );
+    assert_eq!(
+        h.states()["p"],
+        NodeState::Terminating,
+        "kept: it has no launch to fall back to"
+    );
+    h.bus.fail_sends.store(false, Ordering::SeqCst);
+    h.domain.resend_stale_launches().await;
+    let provisions: Vec<Vec<String>> = h
+        .bus
+        .sent()
+        .iter()
+        .filter(|s| s.op == Op::Provision)
+        .map(|s| s.node_ids.clone())
+        .collect();
+    assert_eq!(provisions, [["q".to_string()]]);
+    // The tick asks again once the mark is 30 s old, and every 30 s after.
+    let terminates = |h: &Harness| {
+        h.bus
+            .sent()
+            .iter()
+            .filter(|s| s.op == Op::TerminateNodes)
+            .count()
+    };
+    h.domain.resend_stale_terminations().await;
+    assert_eq!(terminates(&h), 0, "not yet due");
+    h.clock.advance(Duration::from_secs(31));
+    h.domain.resend_stale_terminations().await;
+    assert_eq!(terminates(&h), 1);
+    let sent = h.bus.sent();
+    let asked = sent
+        .iter()
+        .find(|s| s.op == Op::TerminateNodes)
+        .map(|s| s.node_ids.clone());
+    assert_eq!(asked, Some(vec!["p".to_string()]));
+    h.domain.resend_stale_terminations().await;
+    assert_eq!(terminates(&h), 1, "just sent");
+    // The provisioner's tombstone confirms it: no more asking.
+    let grave = node("web", "p")
+        .state(NodeState::Terminated)
+        .at(t(131))
+        .revision(3)
+        .build();
+    assert!(h.domain.apply_node(grave));
+    h.clock.advance(Duration::from_secs(60));
+    h.domain.resend_stale_terminations().await;
+    assert_eq!(terminates(&h), 1, "confirmed terminal");
 }
