@@ -72,7 +72,9 @@ impl Controller {
             run: setup.run.clone(),
             sender: SENDER.to_string(),
             bus: deps.bus,
-            store: deps.store,
+            // The domains call the store from their tasks: keep those calls off
+            // the runtime's workers.
+            store: epu_core::store::OffRuntime::shared(deps.store),
             clock: deps.clock,
             metrics,
             tick: setup.timing.tick(),

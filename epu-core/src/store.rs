@@ -469,6 +469,62 @@ impl Store for MemStore {
     }
 }
 
+/// A store whose calls, made from an async task, leave the runtime's worker
+/// free: on a multi-threaded tokio runtime each call runs under
+/// `tokio::task::block_in_place` (the worker's other tasks move to another
+/// thread while the flushed write waits for the disk); elsewhere it is a plain
+/// call. Services whose logic calls the store synchronously from async code
+/// (the controller's domains) hold their store through this, *because* a slow
+/// disk must not stall every other task of the process.
+#[derive(Debug)]
+pub struct OffRuntime(pub SharedStore);
+
+impl OffRuntime {
+    /// `store`, wrapped.
+    pub fn shared(store: SharedStore) -> SharedStore {
+        Arc::new(OffRuntime(store))
+    }
+
+    fn run<T>(&self, f: impl FnOnce(&dyn Store) -> T) -> T {
+        let on_workers = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if on_workers {
+            tokio::task::block_in_place(|| f(self.0.as_ref()))
+        } else {
+            f(self.0.as_ref())
+        }
+    }
+}
+
+impl Store for OffRuntime {
+    fn get(&self, tree: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.run(|s| s.get(tree, key))
+    }
+    fn put(&self, tree: &str, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.run(|s| s.put(tree, key, value))
+    }
+    fn write_batch(
+        &self,
+        tree: &str,
+        puts: &[(String, Vec<u8>)],
+        deletes: &[String],
+    ) -> Result<(), StoreError> {
+        self.run(|s| s.write_batch(tree, puts, deletes))
+    }
+    fn delete(&self, tree: &str, key: &str) -> Result<(), StoreError> {
+        self.run(|s| s.delete(tree, key))
+    }
+    fn scan(&self, tree: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.run(|s| s.scan(tree))
+    }
+    fn scan_prefix(&self, tree: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.run(|s| s.scan_prefix(tree, prefix))
+    }
+    fn flush(&self) -> Result<(), StoreError> {
+        self.run(|s| s.flush())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -655,5 +711,99 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains("cannot open store at"), "{msg}");
         assert!(msg.contains(&path.display().to_string()), "{msg}");
+    }
+}
+
+#[cfg(test)]
+mod off_runtime_tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A store whose writes take 100 ms, as a slow disk's flush would.
+    #[derive(Debug, Default)]
+    struct SlowDisk(MemStore);
+
+    impl Store for SlowDisk {
+        fn get(&self, tree: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            self.0.get(tree, key)
+        }
+        fn put(&self, tree: &str, key: &str, value: &[u8]) -> Result<(), StoreError> {
+            std::thread::sleep(Duration::from_millis(100));
+            self.0.put(tree, key, value)
+        }
+        fn write_batch(
+            &self,
+            tree: &str,
+            puts: &[(String, Vec<u8>)],
+            deletes: &[String],
+        ) -> Result<(), StoreError> {
+            self.0.write_batch(tree, puts, deletes)
+        }
+        fn delete(&self, tree: &str, key: &str) -> Result<(), StoreError> {
+            self.0.delete(tree, key)
+        }
+        fn scan(&self, tree: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+            self.0.scan(tree)
+        }
+        fn scan_prefix(
+            &self,
+            tree: &str,
+            prefix: &str,
+        ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+            self.0.scan_prefix(tree, prefix)
+        }
+        fn flush(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    /// Ticks of a 5 ms ticker while another task makes five slow writes, on a
+    /// runtime with a single worker.
+    async fn ticks_during_slow_writes(store: SharedStore) -> usize {
+        let ticks = Arc::new(AtomicUsize::new(0));
+        let t = ticks.clone();
+        let ticker = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                t.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        // Let the ticker start.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let before = ticks.load(Ordering::SeqCst);
+        let writer = tokio::spawn(async move {
+            for i in 0..5 {
+                store.put("t", &format!("k{i}"), b"v").expect("put");
+            }
+        });
+        writer.await.expect("writer");
+        let during = ticks.load(Ordering::SeqCst) - before;
+        ticker.abort();
+        during
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_slow_write_does_not_stall_the_other_tasks() {
+        let direct = ticks_during_slow_writes(Arc::new(SlowDisk::default())).await;
+        let off = ticks_during_slow_writes(OffRuntime::shared(Arc::new(SlowDisk::default()))).await;
+        // 500 ms of writes: the ticker runs on beside them only when the writes
+        // leave the worker (about 100 ticks); on the worker itself it barely does.
+        assert!(
+            direct <= 10,
+            "the direct writes should block the only worker: {direct} ticks"
+        );
+        assert!(
+            off >= 30,
+            "off the runtime, the ticker goes on: {off} ticks"
+        );
+    }
+
+    #[test]
+    fn outside_a_runtime_it_is_a_plain_call() {
+        let s = OffRuntime::shared(Arc::new(MemStore::new()));
+        s.put("t", "k", b"v").expect("put");
+        assert_eq!(s.get("t", "k").expect("get"), Some(b"v".to_vec()));
     }
 }
