@@ -13,11 +13,11 @@ use epu_core::bus::{Handler, Incoming};
 use epu_core::request;
 use epu_core::store::StoreExt;
 use epu_core::telemetry::Health as Readiness;
-use epu_core::wire::{Op, ReplyError};
+use epu_core::wire::{ErrorCode, Op, ReplyError};
 use epu_model::messages::{
     ControllerStatus, DescribeDomainRequest, DescribeNodesRequest, DomainSummary,
-    ListDomainsRequest, NodeRecord, ReconfigureRequest, RemoveDomainRequest, SensorInfo,
-    StatusRequest,
+    ListDomainsRequest, NodeRecord, ProvisionRequest, ReconfigureRequest, RemoveDomainRequest,
+    SensorInfo, StatusRequest,
 };
 use serde_json::Value;
 use tokio::sync::Mutex;
@@ -337,6 +337,7 @@ impl Hosted {
             .create_engine(&self.registry, "add_domain")
             .and_then(|e| policy.validate(&self.registry, "add_domain").map(|_| e))
             .map_err(|e| ReplyError::bad_request(e.to_string()))?;
+        self.check_deployable(&policy).await?;
         let mut domains = self.domains.lock().await;
         if domains.contains_key(&policy.name) {
             return Err(ReplyError::conflict(format!(
@@ -366,6 +367,41 @@ impl Hosted {
         domains.insert(name.clone(), handle.clone());
         drop(domains);
         handle.ask(self.request_timeout, DomainMsg::Summary).await
+    }
+
+    /// Asks the provisioner whether it would launch the policy's deployable
+    /// (`provision` with `check_only`): a refusal refuses the domain, naming
+    /// the key. A provisioner that does not answer refuses nothing: a refused
+    /// launch is recorded REJECTED and reaches the domain anyway.
+    async fn check_deployable(&self, policy: &DomainPolicy) -> Result<(), ReplyError> {
+        let req = ProvisionRequest {
+            launch_id: format!("check-{}", uuid::Uuid::new_v4().simple()),
+            domain: policy.name.clone(),
+            count: 1,
+            node_ids: Vec::new(),
+            deployable: policy.deployable.clone(),
+            vars: BTreeMap::new(),
+            subscriber: None,
+            check_only: true,
+        };
+        let asked = request::call(
+            self.shared.bus.as_ref(),
+            &self.shared.sender,
+            &req,
+            self.request_timeout,
+        )
+        .await;
+        match asked {
+            Ok(_) => Ok(()),
+            Err(e) if e.code == ErrorCode::BadRequest => Err(ReplyError::bad_request(format!(
+                "add_domain {:?}: key \"deployable\": the provisioner refuses it: {}; nothing was added",
+                policy.name, e.message
+            ))),
+            Err(e) => {
+                tracing::warn!(domain = %policy.name, error = %e, "cannot ask the provisioner about the deployable; adding the domain unchecked");
+                Ok(())
+            }
+        }
     }
 
     /// The names of the hosted domains.

@@ -195,6 +195,7 @@ pub async fn node_rows(c: &Client, domain: Option<&str>) -> anyhow::Result<Vec<N
         domain: domain.map(str::to_string),
         node_ids: vec![],
         live_only: false,
+        ..Default::default()
     };
     let reply = c.must(&req).await?;
     let mut health: BTreeMap<String, Health> = BTreeMap::new();

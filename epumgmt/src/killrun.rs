@@ -84,6 +84,7 @@ async fn through_provisioner(
             domain: None,
             node_ids: vec![],
             live_only: true,
+            ..Default::default()
         };
         let reply: Result<DescribeNodesReply, _> = c.ask(&req).await;
         match reply {

@@ -2,9 +2,12 @@
 //! - a domain is judged by the sensor aggregator with its own health settings, not
 //!   the defaults: the aggregator, meeting a domain it was not configured with,
 //!   takes `health` from the controller's `describe_domain`;
-//! - a launch the provisioner refuses (here: a driver it does not enable) is a fact:
-//!   its nodes reach the controller REJECTED with the reason, they stop counting as
-//!   capacity, and the domain backs off.
+//! - a domain whose deployable the provisioner would refuse (a driver it does not
+//!   enable) is refused by `add_domain` itself, naming the key; nothing is added;
+//! - a launch the provisioner refuses at launch time (here: a sim deployable with a
+//!   negative boot time, which only the launch checks) is a fact: its nodes reach
+//!   the controller REJECTED with the reason, they stop counting as capacity, and
+//!   the domain backs off.
 //!
 //! Wired as the standalone host wires it (provisioner, controller and aggregator on
 //! one in-process bus), with the provisioner's `sim` driver (virtual instances,
@@ -25,7 +28,9 @@ use epu_core::store::MemStore;
 use epu_core::telemetry::{Health as Ready, Metrics};
 use epu_core::testing::{test_options, test_run};
 use epu_core::wire::{Envelope, Op, RunName, Service};
-use epu_model::messages::{DescribeDomainRequest, EngineState, FailReason, Heartbeat, WorkerState};
+use epu_model::messages::{
+    DescribeDomainRequest, EngineState, FailReason, Heartbeat, ListDomainsRequest, WorkerState,
+};
 use epu_model::{Health, NodeState};
 use provisioner::driver::sim::{SimDriver, SimSettings};
 use provisioner::{Drivers, Provisioner, ProvisionerConfig, RunningProvisioner};
@@ -254,12 +259,37 @@ async fn a_refused_launch_reaches_the_controller_and_the_domain_backs_off() {
     let ctl = start_controller(&bus, &run).await;
     let cli = bus.view(test_options("cli"));
 
-    // The provisioner enables `sim` only: a `local` worker is refused.
+    // The provisioner enables `sim` only: a `local` worker is refused when the
+    // domain is added, before anything is stored or launched.
+    let local = json!({
+        "name": "refused-early",
+        "engine": "npreserving",
+        "engine_conf": {"preserve_n": 2},
+        "deployable": {"driver": "local", "command": "sleep", "args": ["60"]},
+    });
+    let add = Envelope::new(&run, Op::AddDomain, "cli", local);
+    let err = cli
+        .request(Service::Controller, &add, Duration::from_secs(10))
+        .await
+        .expect_err("add_domain refused");
+    assert!(
+        err.message.contains("\"deployable\"") && err.message.contains("not enabled"),
+        "{err}"
+    );
+    let listed = request::call(&cli, "cli", &ListDomainsRequest {}, Duration::from_secs(5))
+        .await
+        .expect("list_domains");
+    assert!(
+        listed.iter().all(|d| d.domain != "refused-early"),
+        "nothing was added"
+    );
+
+    // What only a launch checks is refused then, and recorded.
     let policy = json!({
         "name": "refused",
         "engine": "npreserving",
         "engine_conf": {"preserve_n": 2},
-        "deployable": {"driver": "local", "command": "sleep", "args": ["60"]},
+        "deployable": {"driver": "sim", "boot_secs": -1.0},
     });
     let add = Envelope::new(&run, Op::AddDomain, "cli", policy);
     cli.request(Service::Controller, &add, Duration::from_secs(10))

@@ -138,6 +138,7 @@ fn main() -> anyhow::Result<()> {
                 deployable: Deployable::Sim(SimDeployable::default()),
                 vars: Default::default(),
                 subscriber: None,
+                check_only: false,
             })
             .await
             .map_err(|e| anyhow::anyhow!("provision: {e}"))?;

@@ -379,6 +379,7 @@ mod tests {
             deployable,
             vars: BTreeMap::new(),
             subscriber: None,
+            check_only: false,
         }
     }
 

@@ -512,6 +512,7 @@ async fn send_provision(shared: &Shared, deployable: &Deployable, mut pending: P
         deployable: deployable.clone(),
         vars: pending.vars.clone(),
         subscriber: None,
+        check_only: false,
     };
     let env = match Envelope::with_body(&shared.run, Op::Provision, &shared.sender, &req) {
         Ok(e) => e,

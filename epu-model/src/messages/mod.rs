@@ -110,6 +110,12 @@ pub struct ProvisionRequest {
     /// Where `instance_info` updates go; default the run's controller.
     #[serde(default)]
     pub subscriber: Option<String>,
+    /// Only ask whether the provisioner would launch this deployable (its driver
+    /// enabled, its command allowed): answered `bad_request` with the reason, or
+    /// with no nodes; nothing is recorded or launched. The controller asks this
+    /// when a domain is added at runtime.
+    #[serde(default)]
+    pub check_only: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

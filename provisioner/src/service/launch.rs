@@ -74,6 +74,12 @@ impl Inner {
         req: ProvisionRequest,
     ) -> Result<ProvisionReply, ReplyError> {
         let subscriber = self.check_shape(&req)?;
+        if req.check_only {
+            return self.check_only(&req).map(|()| ProvisionReply {
+                launch_id: req.launch_id,
+                nodes: Vec::new(),
+            });
+        }
         let driver = req.deployable.driver();
         let mut st = self.state.lock().await;
         if let Some(existing) = st.launches.get(&req.launch_id) {
@@ -210,19 +216,26 @@ impl Inner {
 
     /// Why this provisioner refuses what the request asks to launch, if it does: a
     /// bad deployable, a driver it does not enable, a local command not allowed.
-    fn refusal(&self, req: &ProvisionRequest) -> Result<(), String> {
-        validate_deployable(req)?;
+    /// `check_only`: what can be known of a deployable before any launch (its
+    /// driver enabled, its command allowed); launch-time checks (template
+    /// variables, which depend on the launch's vars) are left to the launch.
+    fn check_only(&self, req: &ProvisionRequest) -> Result<(), ReplyError> {
         let driver = req.deployable.driver();
         if self.deps.drivers.get(driver).is_none() {
-            return Err(format!(
+            return Err(ReplyError::bad_request(format!(
                 "driver {driver:?} is not enabled in this provisioner (enabled: {})",
                 self.deps.drivers.names().join(", ")
-            ));
+            )));
         }
         match command_refusal(self.settings.allowed_commands.as_deref(), &req.deployable) {
-            Some(why) => Err(why),
+            Some(why) => Err(ReplyError::bad_request(why)),
             None => Ok(()),
         }
+    }
+
+    fn refusal(&self, req: &ProvisionRequest) -> Result<(), String> {
+        validate_deployable(req)?;
+        self.check_only(req).map_err(|e| e.message)
     }
 
     /// The launch to store (with a fresh token) and its nodes: REQUESTING when
