@@ -95,7 +95,11 @@ impl Hosted {
             let reply = request::call(
                 self.shared.bus.as_ref(),
                 &self.shared.sender,
-                &DescribeNodesRequest::changes(out.next, FEED_PAGE),
+                &if out.pages > 0 && out.full {
+                    DescribeNodesRequest::listing_page(out.next, FEED_PAGE)
+                } else {
+                    DescribeNodesRequest::changes(out.next, FEED_PAGE)
+                },
                 self.request_timeout,
             )
             .await?;

@@ -266,7 +266,7 @@ impl Inner {
     fn describe(&self, req: &DescribeNodesRequest) -> DescribeNodesReply {
         let g = self.lock();
         let since = req.since.unwrap_or(0);
-        let full = since == 0 || since > g.revision;
+        let full = !req.listing && (since == 0 || since > g.revision);
         let from = if full { 0 } else { since };
         let mut nodes: Vec<NodeRecord> = g
             .nodes

@@ -686,6 +686,31 @@ async fn old_terminal_records_are_pruned_and_an_older_since_is_answered_in_full(
     let stale = feed(&h, json!({"since": before, "limit": 100})).await;
     assert!(stale.full, "{stale:?}");
     assert_eq!(stale.nodes.len(), 2);
+    // Paged, the full listing ends: its further pages (asked since revisions
+    // older than what was pruned) continue it instead of starting it over.
+    let first = feed(&h, json!({"since": before, "limit": 1})).await;
+    assert!(
+        first.full && first.more && first.nodes.len() == 1,
+        "{first:?}"
+    );
+    let mut names: Vec<String> = first.nodes.iter().map(|n| n.node_id.clone()).collect();
+    let mut since = first.next;
+    for _ in 0..5 {
+        let page = feed(&h, json!({"since": since, "limit": 1, "listing": true})).await;
+        assert!(!page.full, "a further page is not judged again: {page:?}");
+        names.extend(page.nodes.iter().map(|n| n.node_id.clone()));
+        since = page.next;
+        if !page.more {
+            break;
+        }
+    }
+    names.sort();
+    names.dedup();
+    assert_eq!(
+        names.len(),
+        2,
+        "the listing ended with every record once: {names:?}"
+    );
     running.stop().await;
 
     // The pruning is durable, and so is the mark.

@@ -1,6 +1,8 @@
 //! `cargo bench -p sensor-aggregator`: heartbeat ingest over the real broker next to
-//! a raw lapin consume of the same messages in the same run, and the aggregator's
-//! memory (VmRSS) at 100,000 tracked nodes. Prints numbers; asserts nothing.
+//! a raw lapin consume of the same messages in the same run, the aggregator's
+//! memory (VmRSS) at 100,000 tracked nodes, and the bytes a steady-state node poll
+//! fetches (the change feed next to the whole live listing it replaced). Prints
+//! numbers; asserts nothing.
 //!
 //! Both ingest measurements pre-fill a queue with the same transient heartbeat
 //! envelopes, then time draining it: the raw consumer with the bus's own pattern
@@ -46,6 +48,16 @@ fn rss_kib() -> u64 {
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The process's peak resident set (VmHWM), KiB.
+fn hwm_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
 }
@@ -206,17 +218,25 @@ async fn aggregator_ingest_rate(run: &RunName, conn: &Connection, payloads: &[Ve
     rate
 }
 
+/// Node `node-<i>`'s record: RUNNING, revision `i + 1` (the fake's feed holds the
+/// 100,000 records at revisions 1..=100,000, none changing).
 fn record(node_id: &str, run: &RunName) -> Option<NodeRecord> {
     let i: usize = node_id.strip_prefix("node-")?.parse().ok()?;
-    Some(
-        node(&format!("domain-{:03}", i % DOMAINS), node_id)
-            .run(run)
-            .state(NodeState::Running)
-            .driver("local")
-            .launch(&format!("launch-{}", i / 10))
-            .iaas(&format!("{}", 10_000 + i))
-            .build(),
+    Some(record_at(i, run))
+}
+
+fn record_at(i: usize, run: &RunName) -> NodeRecord {
+    node(
+        &format!("domain-{:03}", i % DOMAINS),
+        &format!("node-{i:06}"),
     )
+    .run(run)
+    .state(NodeState::Running)
+    .driver("local")
+    .launch(&format!("launch-{}", i / 10))
+    .iaas(&format!("{}", 10_000 + i))
+    .revision(i as u64 + 1)
+    .build()
 }
 
 fn reported(agg: &Aggregator) -> usize {
@@ -225,10 +245,73 @@ fn reported(agg: &Aggregator) -> usize {
         .sum()
 }
 
+/// What the bench's provisioner answered, by kind of request.
+#[derive(Default)]
+struct Served {
+    /// Holds the 100,000 records (before: an empty store at revision 0).
+    holding: AtomicBool,
+    feed_requests: AtomicUsize,
+    feed_records: AtomicUsize,
+    feed_bytes: AtomicUsize,
+    by_id_requests: AtomicUsize,
+    live_bytes: AtomicUsize,
+    live_records: AtomicUsize,
+}
+
+/// The provisioner's answer to `req` over 100,000 unchanging RUNNING records: the
+/// change feed (`since`/`limit`), by id, or the whole live listing.
+fn answer(req: &DescribeNodesRequest, served: &Served, run: &RunName) -> DescribeNodesReply {
+    let head = if served.holding.load(Ordering::SeqCst) {
+        TRACKED as u64
+    } else {
+        0
+    };
+    if req.since.is_some() || req.limit.is_some() {
+        let since = req.since.unwrap_or(0);
+        let full = since == 0 || since > head;
+        let from = if full { 0 } else { since } as usize;
+        let limit = req.limit.unwrap_or(usize::MAX).max(1);
+        let to = (head as usize).min(from.saturating_add(limit));
+        let nodes: Vec<NodeRecord> = (from..to).map(|i| record_at(i, run)).collect();
+        let more = to < head as usize;
+        return DescribeNodesReply {
+            enabled: true,
+            next: if more { to as u64 } else { head },
+            nodes,
+            revision: head,
+            more,
+            full,
+        };
+    }
+    let nodes: Vec<NodeRecord> = if !served.holding.load(Ordering::SeqCst) {
+        Vec::new()
+    } else if req.node_ids.is_empty() {
+        (0..TRACKED)
+            .map(|i| record_at(i, run))
+            .filter(|r| !req.live_only || r.state.is_live())
+            .collect()
+    } else {
+        req.node_ids
+            .iter()
+            .filter_map(|id| record(id, run))
+            .collect()
+    };
+    DescribeNodesReply {
+        enabled: true,
+        nodes,
+        revision: head,
+        next: head,
+        more: false,
+        full: true,
+    }
+}
+
 /// Runs in a fresh process (`ingest --memory`), so nothing else has touched the heap:
 /// RSS empty, with 100,000 nodes heard, with the provisioner's facts for each
-/// (learned through by-id queries of 500), and after full `live_only` polls that
-/// list all 100,000 (the transient JSON of such a reply is the high-water mark).
+/// (learned through the change feed's full listing, pages of 1000), and the cost of
+/// a steady-state poll: the feed's (measured over several polls) next to the
+/// whole `live_only` listing the aggregator used to fetch every poll (asked once,
+/// of the same provisioner, in the same run).
 fn memory_child() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -238,32 +321,29 @@ fn memory_child() {
     rt.block_on(async {
         let run = test_run("bench-mem");
         let bus = LocalBus::new(run.clone(), BusOptions::new("host"));
-        let full_polls = Arc::new(AtomicBool::new(false));
-        let polls = Arc::new(AtomicUsize::new(0));
-        let (full, count, prov_run) = (full_polls.clone(), polls.clone(), run.clone());
+        let served = Arc::new(Served::default());
+        let (srv, prov_run) = (served.clone(), run.clone());
         let prov = bus
             .serve(
                 Service::Provisioner,
                 Arc::new(FnHandler(move |msg: epu_core::bus::Incoming| {
-                    let (full, count, run) = (full.clone(), count.clone(), prov_run.clone());
+                    let (served, run) = (srv.clone(), prov_run.clone());
                     async move {
                         let req: DescribeNodesRequest = msg.envelope.parse_body()?;
-                        let nodes: Vec<NodeRecord> = if req.live_only {
-                            count.fetch_add(1, Ordering::SeqCst);
-                            if full.load(Ordering::SeqCst) {
-                                (0..TRACKED)
-                                    .filter_map(|i| record(&format!("node-{i:06}"), &run))
-                                    .collect()
-                            } else {
-                                Vec::new()
-                            }
+                        let reply = answer(&req, &served, &run);
+                        let value = json!(reply);
+                        let bytes = serde_json::to_vec(&value).map_or(0, |v| v.len());
+                        if req.since.is_some() {
+                            served.feed_requests.fetch_add(1, Ordering::SeqCst);
+                            served.feed_records.fetch_add(reply.nodes.len(), Ordering::SeqCst);
+                            served.feed_bytes.fetch_add(bytes, Ordering::SeqCst);
+                        } else if req.live_only {
+                            served.live_records.fetch_add(reply.nodes.len(), Ordering::SeqCst);
+                            served.live_bytes.fetch_add(bytes, Ordering::SeqCst);
                         } else {
-                            req.node_ids.iter().filter_map(|id| record(id, &run)).collect()
-                        };
-                        Ok::<_, ReplyError>(json!(DescribeNodesReply {
-                            enabled: true,
-                            nodes
-                        }))
+                            served.by_id_requests.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Ok::<_, ReplyError>(value)
                     }
                 })),
             )
@@ -280,7 +360,7 @@ fn memory_child() {
             .await
             .expect("controller");
         let mut cfg = AggregatorConfig::new(run.clone());
-        cfg.nodes_poll_secs = 1.0;
+        cfg.nodes_poll_secs = 0.5;
         for d in 0..DOMAINS {
             cfg.domains.push(DomainSensors::new(format!("domain-{d:03}")));
         }
@@ -303,35 +383,75 @@ fn memory_child() {
         }
         assert_eq!(agg.tracked_nodes(), TRACKED);
         let heard = rss_kib();
+        let pages_before = served.feed_requests.load(Ordering::SeqCst);
+        let records_before = served.feed_records.load(Ordering::SeqCst);
+        served.holding.store(true, Ordering::SeqCst);
         let t = Instant::now();
-        while reported(&agg) < TRACKED {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        // Timed on the provisioner's side (reading 100 domains sweeps the table 100
+        // times, which would slow the sync it measures), then checked.
+        while served.feed_records.load(Ordering::SeqCst) - records_before < TRACKED {
+            tokio::time::sleep(Duration::from_millis(5)).await;
             assert!(t.elapsed() < Duration::from_secs(300), "facts never arrived");
         }
-        let resolved_in = t.elapsed();
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let with_facts = rss_kib();
-        full_polls.store(true, Ordering::SeqCst);
-        let before = polls.load(Ordering::SeqCst);
-        let t = Instant::now();
-        while polls.load(Ordering::SeqCst) < before + 3 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let synced_in = t.elapsed();
+        let sync_pages = served.feed_requests.load(Ordering::SeqCst) - pages_before;
+        while reported(&agg) < TRACKED {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(t.elapsed() < Duration::from_secs(300), "facts never applied");
         }
-        let full_poll_cycle = t.elapsed() / 3;
-        let after_full = rss_kib();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let with_facts = rss_kib();
+        let peak = hwm_kib();
+
+        const STEADY_POLLS: usize = 5;
+        let (requests, records, bytes) = (
+            served.feed_requests.load(Ordering::SeqCst),
+            served.feed_records.load(Ordering::SeqCst),
+            served.feed_bytes.load(Ordering::SeqCst),
+        );
+        let by_id = served.by_id_requests.load(Ordering::SeqCst);
+        while served.feed_requests.load(Ordering::SeqCst) < requests + 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let t = Instant::now();
+        while served.feed_requests.load(Ordering::SeqCst) < requests + 1 + STEADY_POLLS {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let poll_cycle = t.elapsed() / STEADY_POLLS as u32;
+        let polls = served.feed_requests.load(Ordering::SeqCst) - requests;
+        let feed_records = (served.feed_records.load(Ordering::SeqCst) - records) / polls;
+        let feed_bytes = (served.feed_bytes.load(Ordering::SeqCst) - bytes) / polls;
+        let by_id = served.by_id_requests.load(Ordering::SeqCst) - by_id;
+        let after_steady = rss_kib();
+
+        // The poll the aggregator made before the feed, asked of the same provisioner.
+        let live = DescribeNodesRequest {
+            live_only: true,
+            ..Default::default()
+        };
+        let cli = bus.view(BusOptions::new("bench"));
+        let got = epu_core::request::call(&cli, "bench", &live, Duration::from_secs(60))
+            .await
+            .expect("describe_nodes live_only");
+        assert_eq!(got.nodes.len(), TRACKED);
+        drop(got);
+        let live_bytes = served.live_bytes.load(Ordering::SeqCst);
+        let live_records = served.live_records.load(Ordering::SeqCst);
+
         running.stop().await;
         prov.stop().await;
         controller.stop().await;
-        let one = record("node-000001", &run)
-            .and_then(|r| serde_json::to_vec(&r).ok())
-            .map_or(0, |v| v.len());
-        let reply_mb = one * TRACKED / 1_000_000;
         let per = |kib: u64| (kib.saturating_sub(empty) * 1024) as f64 / TRACKED as f64;
         println!("memory (VmRSS) with {TRACKED} tracked nodes in {DOMAINS} domains (fresh process):");
         println!("  aggregator started, no nodes:            {empty:>8} KiB");
         println!("  100,000 nodes heard (heartbeats only):   {heard:>8} KiB  ({:.0} B/node)", per(heard));
-        println!("  + the provisioner's facts for each:      {with_facts:>8} KiB  ({:.0} B/node; by-id queries, {resolved_in:.1?})", per(with_facts));
-        println!("  after full live polls listing all 100k:  {after_full:>8} KiB  (high-water of a {} MB describe_nodes reply; a poll cycle every {full_poll_cycle:.1?})", reply_mb);
+        println!("  + the provisioner's facts for each:      {with_facts:>8} KiB  ({:.0} B/node; the feed's full listing, {sync_pages} pages of 1000, {synced_in:.1?})", per(with_facts));
+        println!("  peak (VmHWM) through the full listing:   {peak:>8} KiB");
+        let steady = format!("after {polls} steady-state polls:");
+        println!("  {steady:<39}  {after_steady:>8} KiB  (a poll every {poll_cycle:.1?}; {by_id} by-id queries)");
+        println!("bytes fetched per steady-state poll at {TRACKED} unchanged nodes (reply bodies, this run):");
+        println!("  before (describe_nodes live_only, whole listing): {live_bytes:>10} bytes, {live_records} records");
+        println!("  after  (change feed since the last revision):     {feed_bytes:>10} bytes, {feed_records} records");
     });
 }
 

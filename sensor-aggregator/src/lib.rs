@@ -13,11 +13,16 @@
 //!   older than it really was, so a silent node is declared MISSING up to that much
 //!   *sooner* — never later, and a node heard before the crash is never kept healthy
 //!   forever.
-//! * **Node knowledge** comes from the provisioner: `describe_nodes` with
-//!   `live_only` every `nodes_poll_secs` (default 2 s), plus a by-id query for nodes
-//!   that left the live list (to learn when they were terminated) and for nodes
-//!   that heartbeat but are not listed. A node the provisioner does not know is not
-//!   reported (its jobs still count toward its domain's backlog while it is healthy).
+//! * **Node knowledge** comes from the provisioner's change feed: every
+//!   `nodes_poll_secs` (default 2 s) `describe_nodes` asks for the records changed
+//!   since the last revision applied, 1000 a page, following `more` (an unchanged
+//!   fleet: one request, no records). A `full` answer (the first poll, a provisioner
+//!   with a new store, or one that pruned past the aggregator's revision) is read to
+//!   its end, and a tracked node it did not name is gone. A node that heartbeats but
+//!   that the provisioner has not told about is asked about by id, once. A node the
+//!   provisioner does not know is not reported (its jobs still count toward its
+//!   domain's backlog while it is healthy). When the provisioner does not answer,
+//!   the revision is kept and the next poll retries.
 //! * **Health** per node: see [`health`] — one pure function, table-tested.
 //! * **Domain settings** (health thresholds, work queue) are the domain policy's
 //!   `health` and `sensors` ([`HealthPolicy`], [`SensorPolicy`], shared with the

@@ -21,6 +21,13 @@ pub struct AggregatorMetrics {
     pub tracked: IntGauge,
     /// `sensor_info` messages sent to the controller.
     pub sensor_info_sent: IntCounter,
+    /// Node records received from the provisioner (feed pages and by-id answers):
+    /// flat while the fleet does not change.
+    pub node_records: IntCounter,
+    /// The provisioner revision applied up to (where the next poll of its feed starts).
+    pub node_feed_revision: IntGauge,
+    /// Full node listings read to their end (the first sync, and every resync).
+    pub node_full_listings: IntCounter,
 }
 
 impl AggregatorMetrics {
@@ -61,6 +68,18 @@ impl AggregatorMetrics {
                 "epu_sensor_info_sent_total",
                 "sensor_info messages sent to the controller",
             )?,
+            node_records: IntCounter::new(
+                "epu_sensor_node_records_total",
+                "node records received from the provisioner",
+            )?,
+            node_feed_revision: IntGauge::new(
+                "epu_sensor_node_feed_revision",
+                "the provisioner revision applied up to (where the next poll of its change feed starts)",
+            )?,
+            node_full_listings: IntCounter::new(
+                "epu_sensor_node_full_listings_total",
+                "full node listings read from the provisioner (first sync and resyncs)",
+            )?,
         })
     }
 
@@ -75,6 +94,9 @@ impl AggregatorMetrics {
         registry.register(Box::new(m.nodes.clone()))?;
         registry.register(Box::new(m.tracked.clone()))?;
         registry.register(Box::new(m.sensor_info_sent.clone()))?;
+        registry.register(Box::new(m.node_records.clone()))?;
+        registry.register(Box::new(m.node_feed_revision.clone()))?;
+        registry.register(Box::new(m.node_full_listings.clone()))?;
         Ok(m)
     }
 }

@@ -1,12 +1,20 @@
 //! The node table: every node the aggregator knows, by domain — what the provisioner
 //! says about it, its latest heartbeat, and the health last judged. Synchronous and
 //! clock-free (every method takes `now`); the aggregator holds it behind one mutex.
+//!
+//! The provisioner's records come from its change feed (PROTOCOL.md, "The change
+//! feed"): [`FeedCursor::step`] decides, page by page, what a `describe_nodes`
+//! reply means (a full listing begins or ends, or only changes), and the table
+//! applies it ([`Tracker::begin_listing`], [`Tracker::apply_records`],
+//! [`Tracker::end_listing`]). A node heard but not known to the provisioner is
+//! asked about by id once ([`Tracker::to_resolve`]), since its record may be older
+//! than the feed's position (a terminal record the table skipped or forgot).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use epu_model::messages::{Heartbeat, NodeHealth, NodeRecord, WorkerState};
+use epu_model::messages::{DescribeNodesReply, Heartbeat, NodeHealth, NodeRecord, WorkerState};
 use epu_model::{Health, NodeState};
 use serde::{Deserialize, Serialize};
 
@@ -19,7 +27,8 @@ pub const LAST_HEARD_TREE: &str = "sensor_last_heard";
 /// for this long is forgotten, in memory and in the store.
 pub const FORGET_AFTER: TimeDelta = TimeDelta::minutes(10);
 
-/// A node the provisioner does not know is asked about while it was heard this recently.
+/// A node the provisioner does not know is asked about (once) while it was heard this
+/// recently.
 const RESOLVE_WINDOW: TimeDelta = TimeDelta::seconds(60);
 
 /// A node's latest heartbeat as persisted (tree [`LAST_HEARD_TREE`]).
@@ -60,17 +69,23 @@ struct NodeEntry {
     facts: Option<NodeFacts>,
     heard: Option<Heard>,
     health: Health,
-    /// The live poll it last appeared in.
-    live_gen: u64,
+    /// The last full listing that named it (or that was the latest when it was
+    /// added): one that ends without naming it means the provisioner does not hold it.
+    listing: u64,
+    /// Its record cannot be older than the feed's position: the provisioner was
+    /// asked about it by id, or a full listing that began after it was added did not
+    /// name it. Only an unresolved node without facts is asked about by id.
+    resolved: bool,
 }
 
 impl NodeEntry {
-    fn empty() -> Self {
+    fn new(listing: u64) -> Self {
         NodeEntry {
             facts: None,
             heard: None,
             health: Health::Unknown,
-            live_gen: 0,
+            listing,
+            resolved: false,
         }
     }
 
@@ -125,7 +140,8 @@ pub struct Tracker {
     default_policy: Thresholds,
     dirty: HashSet<Arc<str>>,
     forgotten: Vec<Arc<str>>,
-    live_gen: u64,
+    /// The full listing being read, or the last one read.
+    listing: u64,
 }
 
 fn log_change(domain: &str, node_id: &str, from: Health, to: Health) {
@@ -148,7 +164,7 @@ impl Tracker {
             default_policy,
             dirty: HashSet::new(),
             forgotten: Vec::new(),
-            live_gen: 0,
+            listing: 0,
         }
     }
 
@@ -216,16 +232,18 @@ impl Tracker {
             };
             let key = self.domain_key(domain);
             let dn = self.domains.entry(key.clone()).or_default();
+            let listing = self.listing;
             dn.nodes
-                .insert(id.clone(), entry.unwrap_or_else(NodeEntry::empty));
+                .insert(id.clone(), entry.unwrap_or_else(|| NodeEntry::new(listing)));
             dn.changed = true;
             self.index.insert(id.clone(), key.clone());
             return (id, key);
         }
         let id: Arc<str> = Arc::from(node_id);
         let key = self.domain_key(domain);
+        let listing = self.listing;
         let dn = self.domains.entry(key.clone()).or_default();
-        dn.nodes.insert(id.clone(), NodeEntry::empty());
+        dn.nodes.insert(id.clone(), NodeEntry::new(listing));
         self.index.insert(id.clone(), key.clone());
         (id, key)
     }
@@ -280,26 +298,29 @@ impl Tracker {
         changed
     }
 
-    /// Takes node records from the provisioner. `live_poll`: these are the answer to
-    /// a `live_only` poll (a node known live but absent from it is asked about by id).
-    pub fn apply_records(&mut self, records: &[NodeRecord], live_poll: bool, now: DateTime<Utc>) {
-        if live_poll {
-            self.live_gen += 1;
-        }
+    /// Takes node records from the provisioner (a page of its change feed, or the
+    /// answer to a by-id query), in the order given: a later record of a node wins.
+    /// A terminal record of a node not tracked is skipped (nothing to report: if it
+    /// is heard later, it is asked about by id). Returns how many were applied.
+    pub fn apply_records(&mut self, records: &[NodeRecord], now: DateTime<Utc>) -> usize {
+        let mut applied = 0;
         for r in records {
+            if r.state.is_terminal() && !self.index.contains_key(r.node_id.as_str()) {
+                continue;
+            }
             let facts = facts_of(r);
             let (id, dkey) = self.locate(&r.node_id, &r.domain, true);
             let policy = self.policy(&dkey);
-            let gen = self.live_gen;
+            let listing = self.listing;
             let Some(dn) = self.domains.get_mut(&dkey) else {
                 continue;
             };
             let Some(entry) = dn.nodes.get_mut(&id) else {
                 continue;
             };
-            if live_poll {
-                entry.live_gen = gen;
-            }
+            applied += 1;
+            entry.listing = listing;
+            entry.resolved = true;
             if entry.facts != Some(facts) {
                 let was_reportable = entry.reportable();
                 entry.facts = Some(facts);
@@ -313,19 +334,59 @@ impl Tracker {
                 }
             }
         }
+        applied
     }
 
-    /// The node ids to ask the provisioner about by id: nodes known live that the last
-    /// live poll did not list, and nodes heard recently that it does not know.
+    /// A full listing begins: the records applied from now until
+    /// [`end_listing`](Self::end_listing) are every record the provisioner holds.
+    /// (A listing that begins again before it ended starts over.)
+    pub fn begin_listing(&mut self) {
+        self.listing += 1;
+    }
+
+    /// The full listing begun last has ended: a node it did not name loses its
+    /// facts (it is gone: no longer reported, forgotten once quiet), and no node
+    /// added before it began is asked about by id. Returns how many lost their facts.
+    pub fn end_listing(&mut self) -> usize {
+        let listing = self.listing;
+        let mut dropped = 0;
+        for (dkey, dn) in self.domains.iter_mut() {
+            for (id, e) in dn.nodes.iter_mut() {
+                if e.listing == listing {
+                    continue;
+                }
+                e.resolved = true;
+                if e.facts.is_none() {
+                    continue;
+                }
+                let was_reportable = e.reportable();
+                e.facts = None;
+                dropped += 1;
+                if was_reportable {
+                    dn.changed = true;
+                }
+                tracing::debug!(
+                    event = "node_gone",
+                    domain = %dkey,
+                    node_id = %id,
+                    "the provisioner no longer holds this node"
+                );
+            }
+        }
+        dropped
+    }
+
+    /// The node ids to ask the provisioner about by id: nodes heard recently that it
+    /// has not told about and that were not asked about yet.
     pub fn to_resolve(&self, now: DateTime<Utc>) -> Vec<String> {
         let mut out = Vec::new();
         for dn in self.domains.values() {
             for (id, e) in &dn.nodes {
-                let ask = match (&e.facts, &e.heard) {
-                    (Some(f), _) => !f.state.is_terminal() && e.live_gen != self.live_gen,
-                    (None, Some(h)) => now - h.at <= RESOLVE_WINDOW,
-                    (None, None) => false,
-                };
+                let ask = !e.resolved
+                    && e.facts.is_none()
+                    && e.heard
+                        .as_ref()
+                        .is_some_and(|h| now - h.at <= RESOLVE_WINDOW);
                 if ask {
                     out.push(id.to_string());
                 }
@@ -335,10 +396,11 @@ impl Tracker {
         out
     }
 
-    /// Takes the answer to a by-id query for `asked`. A node the provisioner no longer
-    /// knows loses its facts (and is no longer reported).
+    /// Takes the answer to a by-id query for `asked`. A node the provisioner does not
+    /// know loses its facts (and is no longer reported); none is asked about again
+    /// (a later change of its record comes with the feed).
     pub fn apply_resolved(&mut self, records: &[NodeRecord], asked: &[String], now: DateTime<Utc>) {
-        self.apply_records(records, false, now);
+        self.apply_records(records, now);
         let answered: HashSet<&str> = records.iter().map(|r| r.node_id.as_str()).collect();
         for id in asked {
             if answered.contains(id.as_str()) {
@@ -349,7 +411,9 @@ impl Tracker {
             };
             if let Some(dn) = self.domains.get_mut(&dkey) {
                 if let Some(e) = dn.nodes.get_mut(id.as_str()) {
-                    if e.facts.take().is_some() {
+                    e.resolved = true;
+                    let was_reportable = e.reportable();
+                    if e.facts.take().is_some() && was_reportable {
                         dn.changed = true;
                     }
                 }
@@ -547,6 +611,81 @@ pub fn facts_of(r: &NodeRecord) -> NodeFacts {
     }
 }
 
+/// Where the aggregator stands in the provisioner's change feed: pure, advanced one
+/// `describe_nodes` page at a time by [`FeedCursor::step`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FeedCursor {
+    /// Every change up to this revision is applied: the next page is asked
+    /// `since` it (0: nothing yet, which the provisioner answers with a full listing).
+    pub next: u64,
+    /// A full listing is being read: its pages so far are applied, a later one ends it.
+    pub listing: bool,
+    /// A full listing was read to its end at least once.
+    pub synced: bool,
+}
+
+/// What one page of the feed means; [`FeedCursor::step`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FeedStep {
+    /// The cursor once the page is applied.
+    pub cursor: FeedCursor,
+    /// The page begins a full listing: [`Tracker::begin_listing`] before its records.
+    pub begin_listing: bool,
+    /// The page ends a full listing: [`Tracker::end_listing`] after its records.
+    pub end_listing: bool,
+    /// A full listing although the cursor was past 0: the provisioner pruned
+    /// records newer than the cursor, or it has a new store.
+    pub resync: bool,
+    /// Another page follows: ask again, now, `since` the new cursor.
+    pub more: bool,
+}
+
+/// A `describe_nodes` page the feed cannot follow.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FeedError {
+    /// `more`, yet asking `since` the page's `next` would not get further.
+    #[error(
+        "the provisioner says more records follow, but its page does not advance \
+         (asked since {since}, next {next}, {records} records)"
+    )]
+    Stalled {
+        since: u64,
+        next: u64,
+        records: usize,
+    },
+}
+
+impl FeedCursor {
+    /// The cursor's move for `reply`, the answer to `changes(self.next, limit)`.
+    /// Nothing is changed on an error (the same page is asked again next poll).
+    pub fn step(self, reply: &DescribeNodesReply) -> Result<FeedStep, FeedError> {
+        let stalled = reply.more
+            && (reply.nodes.is_empty()
+                || reply.next == 0
+                || (!reply.full && reply.next <= self.next));
+        if stalled {
+            return Err(FeedError::Stalled {
+                since: self.next,
+                next: reply.next,
+                records: reply.nodes.len(),
+            });
+        }
+        let listing = self.listing || reply.full;
+        let end_listing = listing && !reply.more;
+        Ok(FeedStep {
+            cursor: FeedCursor {
+                next: reply.next,
+                listing: listing && reply.more,
+                synced: self.synced || end_listing,
+            },
+            begin_listing: reply.full,
+            end_listing,
+            resync: reply.full && self.next > 0,
+            more: reply.more,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -613,7 +752,6 @@ mod tests {
                 NodeState::Running,
                 &[(NodeState::Running, 0)],
             )],
-            true,
             t(2),
         );
         let r = tr.reading("d");
@@ -638,7 +776,6 @@ mod tests {
                 NodeState::Running,
                 &[(NodeState::Running, 0)],
             )],
-            true,
             t(0),
         );
         assert_eq!(tr.reading("right").nodes.len(), 1);
@@ -655,31 +792,32 @@ mod tests {
     }
 
     #[test]
-    fn resolve_gone_nodes_and_judge_zombies() {
+    fn feed_changes_end_nodes_and_strangers_are_asked_once() {
         let mut tr = tracker();
         let run = [(NodeState::Running, 0)];
-        tr.apply_records(&[record("a", "d", NodeState::Running, &run)], true, t(0));
+        assert_eq!(
+            tr.apply_records(&[record("a", "d", NodeState::Running, &run)], t(0)),
+            1
+        );
         tr.heartbeat(hb("a", "d", 0, 1), t(1));
         tr.heartbeat(hb("stranger", "d", 0, 1), t(1));
-        // The next live poll does not list "a": ask about it, and about the stranger.
-        tr.apply_records(&[], true, t(2));
-        assert_eq!(
-            tr.to_resolve(t(2)),
-            vec!["a".to_string(), "stranger".to_string()]
-        );
+        // "a" is known; the stranger's record may be older than the feed: ask once.
+        assert_eq!(tr.to_resolve(t(2)), vec!["stranger".to_string()]);
+        // The feed's next page says "a" was terminated.
         let gone = record(
             "a",
             "d",
             NodeState::Terminated,
             &[(NodeState::Running, 0), (NodeState::Terminated, 2)],
         );
-        tr.apply_resolved(&[gone], &["a".into(), "stranger".into()], t(2));
-        assert!(tr.to_resolve(t(2)).contains(&"stranger".to_string()));
-        assert!(!tr.to_resolve(t(2)).contains(&"a".to_string()));
+        tr.apply_records(&[gone], t(2));
         assert!(
             tr.reading("d").nodes.is_empty(),
             "terminated nodes are not reported"
         );
+        // The provisioner does not know the stranger: not asked about again.
+        tr.apply_resolved(&[], &["stranger".into()], t(2));
+        assert!(tr.to_resolve(t(3)).is_empty());
         // Heard 11 s after it was terminated (zombie grace 10 s): ZOMBIE, reported.
         tr.heartbeat(hb("a", "d", 0, 13), t(13));
         let r = tr.reading("d");
@@ -691,6 +829,159 @@ mod tests {
         assert!(tr.is_empty());
         let (_, forgotten) = tr.take_dirty();
         assert_eq!(forgotten.len(), 2);
+    }
+
+    #[test]
+    fn a_terminal_record_of_an_untracked_node_is_skipped_until_it_is_heard() {
+        let mut tr = tracker();
+        let ended = [(NodeState::Running, 0), (NodeState::Terminated, 1)];
+        let gone = record("z", "d", NodeState::Terminated, &ended);
+        assert_eq!(tr.apply_records(std::slice::from_ref(&gone), t(1)), 0);
+        assert!(tr.is_empty(), "nothing to report: not tracked");
+        // Heard 12 s after: asked about by id (its record is behind the feed), a ZOMBIE.
+        tr.heartbeat(hb("z", "d", 0, 13), t(13));
+        assert_eq!(tr.to_resolve(t(13)), vec!["z".to_string()]);
+        tr.apply_resolved(&[gone], &["z".into()], t(13));
+        assert!(tr.to_resolve(t(13)).is_empty());
+        let r = tr.reading("d");
+        assert_eq!(r.nodes.len(), 1);
+        assert_eq!(r.nodes[0].health, Health::Zombie);
+    }
+
+    /// A full listing ends by dropping the tracked nodes it did not name; a node
+    /// heard before it began is settled by it, one heard during it is asked by id.
+    #[test]
+    fn a_full_listing_drops_what_it_does_not_name() {
+        let run = [(NodeState::Running, 0)];
+        let rec = |id: &str| record(id, "d", NodeState::Running, &run);
+        let ids = |tr: &Tracker| -> Vec<String> {
+            tr.reading("d")
+                .nodes
+                .into_iter()
+                .map(|n| n.node_id)
+                .collect()
+        };
+        let mut tr = tracker();
+        tr.heartbeat(hb("early", "d", 0, 0), t(0));
+        // The first listing, in two pages: a, b, c.
+        tr.begin_listing();
+        tr.apply_records(&[rec("a"), rec("b")], t(1));
+        tr.heartbeat(hb("during", "d", 0, 1), t(1));
+        tr.apply_records(&[rec("c")], t(1));
+        assert_eq!(tr.end_listing(), 0);
+        assert_eq!(ids(&tr), ["a", "b", "c"]);
+        assert_eq!(
+            tr.to_resolve(t(2)),
+            vec!["during".to_string()],
+            "'early' was settled by the listing, 'during' may have been skipped by it"
+        );
+        tr.apply_resolved(&[], &["during".into()], t(2));
+        // Changes: d appears.
+        tr.apply_records(&[rec("d")], t(3));
+        assert!(tr.take_changed("d"));
+        // A resync (a provisioner with a new store) names a and d only.
+        tr.begin_listing();
+        tr.apply_records(&[rec("d")], t(4));
+        assert_eq!(
+            ids(&tr).len(),
+            4,
+            "nothing is dropped before the listing ends"
+        );
+        tr.apply_records(&[rec("a")], t(4));
+        assert_eq!(tr.end_listing(), 2);
+        assert_eq!(ids(&tr), ["a", "d"]);
+        assert!(
+            tr.take_changed("d"),
+            "the controller hears b and c are gone"
+        );
+        assert!(
+            tr.to_resolve(t(4)).is_empty(),
+            "b and c are not asked about"
+        );
+        // Once quiet, b and c (never heard) are forgotten; the heard ones stay.
+        tr.sweep(t(5));
+        assert_eq!(tr.len(), 4);
+        // A listing begun again before it ended starts over: only what it names stays.
+        tr.begin_listing();
+        tr.apply_records(&[rec("a"), rec("d")], t(6));
+        tr.begin_listing();
+        tr.apply_records(&[rec("d")], t(6));
+        assert_eq!(tr.end_listing(), 1);
+        assert_eq!(ids(&tr), ["d"]);
+    }
+
+    fn page(nodes: usize, next: u64, more: bool, full: bool) -> DescribeNodesReply {
+        let run = [(NodeState::Running, 0)];
+        DescribeNodesReply {
+            enabled: true,
+            nodes: (0..nodes)
+                .map(|i| record(&format!("n{i}"), "d", NodeState::Running, &run))
+                .collect(),
+            revision: next.max(90),
+            next,
+            more,
+            full,
+        }
+    }
+
+    #[test]
+    fn feed_cursor_steps() {
+        let at = |next: u64, listing: bool, synced: bool| FeedCursor {
+            next,
+            listing,
+            synced,
+        };
+        let step = |cursor: FeedCursor, begin: bool, end: bool, resync: bool, more: bool| {
+            Ok(FeedStep {
+                cursor,
+                begin_listing: begin,
+                end_listing: end,
+                resync,
+                more,
+            })
+        };
+        #[rustfmt::skip]
+        let table: Vec<(&str, FeedCursor, DescribeNodesReply, Result<FeedStep, FeedError>)> = vec![
+            ("first poll, one page",
+             at(0, false, false), page(3, 3, false, true),
+             step(at(3, false, true), true, true, false, false)),
+            ("first poll, first of several pages",
+             at(0, false, false), page(2, 2, true, true),
+             step(at(2, true, false), true, false, false, true)),
+            ("a middle page of the listing",
+             at(2, true, false), page(2, 4, true, false),
+             step(at(4, true, false), false, false, false, true)),
+            ("the listing's last page",
+             at(4, true, false), page(1, 90, false, false),
+             step(at(90, false, true), false, true, false, false)),
+            ("steady state: nothing changed",
+             at(90, false, true), page(0, 90, false, false),
+             step(at(90, false, true), false, false, false, false)),
+            ("changes",
+             at(90, false, true), page(2, 92, false, false),
+             step(at(92, false, true), false, false, false, false)),
+            ("an empty provisioner: full, nothing",
+             at(0, false, true), page(0, 0, false, true),
+             step(at(0, false, true), true, true, false, false)),
+            ("a new store (since past its head): a resync",
+             at(92, false, true), page(1, 5, false, true),
+             step(at(5, false, true), true, true, true, false)),
+            ("pruned past the cursor mid-listing: the listing starts over",
+             at(4, true, false), page(2, 2, true, true),
+             step(at(2, true, false), true, false, true, true)),
+            ("more, but no records",
+             at(90, false, true), page(0, 95, true, false),
+             Err(FeedError::Stalled { since: 90, next: 95, records: 0 })),
+            ("more, but next does not advance",
+             at(90, false, true), page(2, 90, true, false),
+             Err(FeedError::Stalled { since: 90, next: 90, records: 2 })),
+            ("more from a full listing, but next is 0 (it would list again)",
+             at(0, false, false), page(2, 0, true, true),
+             Err(FeedError::Stalled { since: 0, next: 0, records: 2 })),
+        ];
+        for (what, cursor, reply, want) in table {
+            assert_eq!(cursor.step(&reply), want, "{what}");
+        }
     }
 
     #[test]
@@ -712,7 +1003,6 @@ mod tests {
                 NodeState::Running,
                 &[(NodeState::Running, 0)],
             )],
-            true,
             t(6),
         );
         fresh.sweep(t(6));

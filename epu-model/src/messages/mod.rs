@@ -184,6 +184,11 @@ pub struct DescribeNodesRequest {
     /// At most this many records (absent: all of them).
     #[serde(default)]
     pub limit: Option<usize>,
+    /// This asks a further page of a `full` listing: answered from `since`
+    /// without judging it again (such a `since` is often older than what was
+    /// pruned, which would otherwise start the listing over for ever).
+    #[serde(default)]
+    pub listing: bool,
 }
 
 impl DescribeNodesRequest {
@@ -193,6 +198,14 @@ impl DescribeNodesRequest {
             since: Some(since),
             limit: Some(limit),
             ..Default::default()
+        }
+    }
+
+    /// The next page of a `full` listing, after `since`.
+    pub fn listing_page(since: u64, limit: usize) -> Self {
+        DescribeNodesRequest {
+            listing: true,
+            ..Self::changes(since, limit)
         }
     }
 }

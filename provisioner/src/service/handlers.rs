@@ -216,7 +216,7 @@ pub(super) fn select(st: &State, req: &DescribeNodesRequest) -> DescribeNodesRep
         };
     }
     let since = req.since.unwrap_or(0);
-    let full = since == 0 || since < st.compacted || since > st.revision;
+    let full = !req.listing && (since == 0 || since < st.compacted || since > st.revision);
     let from = if full { 0 } else { since };
     let limit = req.limit.unwrap_or(usize::MAX).max(1);
     let mut nodes = Vec::new();
