@@ -89,6 +89,13 @@ out="${TMPDIR:-/tmp}/epu-test-$$.log"
 set +e
 cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$out"
 status=${PIPESTATUS[0]}
+# The chaos suite's long form is `#[ignore]`d (scripts/chaos.sh runs it with 20
+# trials per fault); CI runs it too, with one trial per fault (about a minute).
+if [ "$#" -eq 0 ]; then
+  EPU_CHAOS_TRIALS=1 cargo test -p epumgmt --test chaos chaos_long -- --ignored --exact 2>&1 | tee -a "$out"
+  long=${PIPESTATUS[0]}
+  [ "$status" -eq 0 ] && status=$long
+fi
 # One summary over every test binary, after cargo's own per-binary lines.
 awk -f scripts/test-summary.awk "$out"
 summary=$?
