@@ -17,7 +17,7 @@ pub fn bus_options(cfg: &BusConfig, sender: &str, metrics: BusMetrics) -> BusOpt
     }
     opts.prefetch = cfg.prefetch;
     opts.publish_timeout = cfg.publish_timeout();
-    opts
+    opts.with_queue_type(cfg.queue_type)
 }
 
 /// Connects the bus a separate service process uses. The local transport exists

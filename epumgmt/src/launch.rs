@@ -208,6 +208,10 @@ fn service_config(
         },
         "store": {"path": dir.join("stores").join(service)},
     }))?;
+    let mut base = base;
+    if let (Some(t), Some(Value::Object(bus))) = (plan.queue_type, base.get_mut("bus")) {
+        bus.insert("queue_type".into(), json!(t.as_str()));
+    }
     for (k, v) in base {
         cfg.entry(k).or_insert(v);
     }
@@ -422,5 +426,49 @@ async fn stop_children(children: &mut [Child]) {
         {
             let _ = c.proc.kill().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use epu_core::config::{BusConfig, QueueType};
+
+    fn record() -> RunRecord {
+        RunRecord {
+            run: "qt".into(),
+            transport: PlanTransport::Amqp,
+            amqp_url: Some("amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+            plan: PathBuf::from("plan.toml"),
+            run_dir: PathBuf::from("/tmp/epu-qt"),
+            created: chrono::Utc::now(),
+            supervisor_pid: None,
+            state: RunState::Starting,
+            message: None,
+            services: vec![],
+        }
+    }
+
+    fn bus_of(plan: &str, service: &str) -> BusConfig {
+        let plan: LaunchPlan = toml::from_str(plan).expect("plan");
+        let cfg =
+            service_config(&record(), &plan, service, "s3cret-s3cret-s3cret").expect("config");
+        serde_json::from_value(cfg["bus"].clone()).expect("a [bus] section the service reads")
+    }
+
+    #[test]
+    fn the_plans_queue_type_reaches_every_service() {
+        for service in crate::plan::SERVICES {
+            let bus = bus_of("transport = \"amqp\"\nqueue_type = \"quorum\"\n", service);
+            assert_eq!(bus.queue_type, QueueType::Quorum, "{service}");
+            let bus = bus_of("transport = \"amqp\"\n", service);
+            assert_eq!(bus.queue_type, QueueType::Classic, "{service}: the default");
+        }
+        let bad = toml::from_str::<LaunchPlan>("transport = \"amqp\"\nqueue_type = \"mirrored\"\n");
+        let shown = format!("{:?}", bad.expect_err("an unknown queue type is refused"));
+        assert!(
+            shown.contains("classic") && shown.contains("quorum"),
+            "{shown}"
+        );
     }
 }

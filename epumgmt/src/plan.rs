@@ -3,7 +3,10 @@
 //! ```toml
 //! run = "sleeper"                 # `epumgmt launch --run NAME` overrides it
 //! transport = "standalone"        # or "amqp"
-//! amqp_url = "amqp://guest:guest@127.0.0.1:5672/%2f"   # EPU_AMQP_URL wins when set
+//! amqp_url = "amqp://guest:guest@127.0.0.1:5672/%2f"   # EPU_AMQP_URL wins when set;
+//!                                 # several (one cluster's nodes) separated by commas
+//! queue_type = "quorum"           # the run's durable queues: "classic" (default) or
+//!                                 # "quorum" (on a RabbitMQ cluster)
 //! domains = ["domain.toml"]       # policy files, relative to the plan
 //! levels = [["provisioner"], ["sensor-aggregator"], ["controller"]]
 //!
@@ -48,6 +51,10 @@ pub struct LaunchPlan {
     pub transport: PlanTransport,
     #[serde(default)]
     pub amqp_url: Option<String>,
+    /// `bus.queue_type` of every service of the run; unset, the services' default
+    /// (classic).
+    #[serde(default)]
+    pub queue_type: Option<epu_core::config::QueueType>,
     #[serde(default)]
     pub secret: Option<String>,
     #[serde(default)]

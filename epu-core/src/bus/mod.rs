@@ -78,6 +78,22 @@ pub enum BusError {
     Io(String),
     #[error("bus is shut down")]
     Closed,
+    /// The run's queue exists with another type than this bus declares it with.
+    #[error(
+        "the run's queue {queue} already exists as another queue type than bus.queue_type = \"{configured}\" \
+         (the broker said: {detail}); a queue keeps the type it was created with. Either set \
+         bus.queue_type (EPU_BUS__QUEUE_TYPE) back to the type the run was created with, or stop \
+         the run and delete its queues (`epumgmt killrun <run>` does both; messages still queued \
+         are lost) and start it again with the new type"
+    )]
+    QueueType {
+        /// The queue the broker refused to redeclare.
+        queue: String,
+        /// The type this bus asked for.
+        configured: crate::config::QueueType,
+        /// The broker's own words (`PRECONDITION_FAILED - inequivalent arg 'x-queue-type' …`).
+        detail: String,
+    },
 }
 
 impl From<BusError> for ReplyError {
@@ -135,6 +151,14 @@ pub struct BusOptions {
     pub prefetch: u16,
     /// How long `send` keeps trying (across reconnects) before it gives up.
     pub publish_timeout: Duration,
+    /// The type the AMQP bus declares the run's durable queues with (the service
+    /// queues and the dead-letter queue; the reply queue is always classic, exclusive).
+    /// `Some`: declared as that type, and a run whose queues are of another type is
+    /// refused at connect ([`BusError::QueueType`]). `None` (the default, for clients
+    /// that carry no `[bus]` section: the CLI, agents, `killrun`): the queues are used
+    /// as they are, whatever their type, and the missing ones created classic. The
+    /// services set it from `bus.queue_type` ([`crate::service::bus_options`]).
+    pub queue_type: Option<crate::config::QueueType>,
     pub metrics: BusMetrics,
 }
 
@@ -145,6 +169,7 @@ impl std::fmt::Debug for BusOptions {
             .field("secret", &self.secret.as_ref().map(|_| "***"))
             .field("prefetch", &self.prefetch)
             .field("publish_timeout", &self.publish_timeout)
+            .field("queue_type", &self.queue_type)
             .finish()
     }
 }
@@ -156,8 +181,15 @@ impl BusOptions {
             secret: None,
             prefetch: 64,
             publish_timeout: Duration::from_secs(30),
+            queue_type: None,
             metrics: BusMetrics::unregistered(),
         }
+    }
+
+    /// Declares the run's durable queues as `queue_type` (see [`BusOptions::queue_type`]).
+    pub fn with_queue_type(mut self, queue_type: crate::config::QueueType) -> Self {
+        self.queue_type = Some(queue_type);
+        self
     }
 
     pub fn with_secret(mut self, secret: &[u8]) -> Self {

@@ -36,8 +36,12 @@ mod error;
 mod loader;
 mod secret;
 mod sections;
+mod urls;
 
 pub use self::error::{ConfigError, Origin};
 pub use self::loader::{env_var_for, load, ENV_PREFIX, ENV_SEPARATOR};
 pub use self::secret::{redact_url, Secret};
-pub use self::sections::{BusConfig, LogFormat, StoreConfig, TelemetryConfig, Transport};
+pub use self::sections::{
+    BusConfig, LogFormat, QueueType, StoreConfig, TelemetryConfig, Transport,
+};
+pub use self::urls::split_amqp_urls;

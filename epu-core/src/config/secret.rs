@@ -51,8 +51,22 @@ impl fmt::Display for Secret {
 }
 
 /// `url` with the password of its userinfo (`scheme://user:PASSWORD@host/…`) replaced by
-/// `***`. A URL without a password is returned unchanged.
+/// `***`. A URL without a password is returned unchanged. A list of URLs (as
+/// `bus.amqp_url` may hold, see [`split_amqp_urls`](super::split_amqp_urls)) comes back
+/// as the list of its redacted URLs, joined by commas.
 pub fn redact_url(url: &str) -> String {
+    let urls = super::split_amqp_urls(url);
+    if urls.len() > 1 {
+        return urls
+            .iter()
+            .map(|u| redact_one(u))
+            .collect::<Vec<_>>()
+            .join(",");
+    }
+    redact_one(url)
+}
+
+fn redact_one(url: &str) -> String {
     let authority_start = match url.find("://") {
         Some(i) => i + 3,
         None => 0,
@@ -92,6 +106,18 @@ mod tests {
         assert_eq!(redact_url("user:secret@host"), "user:***@host");
         assert_eq!(redact_url(""), "");
         assert_eq!(redact_url("amqp://:pw@host"), "amqp://:***@host");
+    }
+
+    #[test]
+    fn redact_url_hides_every_password_of_a_list() {
+        assert_eq!(
+            redact_url("amqp://u:one@h1:5672/%2f, amqp://u:two@h2:5672/%2f,amqps://h3"),
+            "amqp://u:***@h1:5672/%2f,amqp://u:***@h2:5672/%2f,amqps://h3"
+        );
+        assert_eq!(
+            redact_url("amqp://u:pa,ss@h1/%2f,amqp://v:x,y@h2/%2f"),
+            "amqp://u:***@h1/%2f,amqp://v:***@h2/%2f"
+        );
     }
 
     #[test]

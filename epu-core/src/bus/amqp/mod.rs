@@ -4,13 +4,25 @@
 //! a durable topic exchange `epu.<run>`; durable queues `epu.<run>.<service>` bound
 //! with `<service>.#`; a durable `epu.<run>.dead`; and per bus an exclusive reply
 //! queue `epu.<run>.reply.<uuid>`. Messages go out with routing key `<service>.<op>`.
+//! The durable queues are classic or quorum ([`BusOptions::queue_type`]: services
+//! declare them as `bus.queue_type` says and refuse a run whose queues are of the
+//! other type; clients without a `[bus]` section use them as they are); the reply
+//! queue is always classic (a quorum queue cannot be exclusive).
+//!
+//! Brokers: the URL given may list several (the nodes of one cluster, see
+//! [`crate::config::split_amqp_urls`]). A connect tries them in order, each once;
+//! a reconnect starts with the one after the node it lost, so a stopped node is
+//! tried last ([`connect_order`]).
 //!
 //! Reconnecting: one connection per bus, shared by its publisher and consumers.
 //! Whoever finds it dead makes a new one (under a lock, so only one), with the
 //! project's [`Backoff`]; consumers re-create their channel and consume again, and
 //! `send` retries a confirmed publish until the broker confirms it or
-//! `publish_timeout` passes. A message whose confirm was lost in an outage may be
-//! delivered twice: receivers deduplicate by `msg_id`. We run our own reconnect
+//! `publish_timeout` passes. Each attempt is bounded (10 s), and a nacked publish is
+//! retried on a fresh channel: after a quorum queue lost its leader, RabbitMQ 3.10
+//! was seen nacking every later publish on the channel for minutes. A message whose
+//! confirm was lost in an outage, or that was nacked, may be delivered twice:
+//! receivers deduplicate by `msg_id`. We run our own reconnect
 //! loop rather than lapin's `enable_auto_recover`, whose TCP retries stop after a
 //! fixed count: a service must come back after an outage of any length, and one
 //! explicit path is easier to reason about than replayed topology plus ours.
@@ -33,6 +45,7 @@ use serde_json::Value;
 use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
 
+pub use self::connection::connect_order;
 use self::connection::{close_connection, connect_err};
 use self::publish::{field_table, headers_of, message_props};
 use super::{parse_reply, Bus, BusError, BusOptions, DeadLetter, Dispatcher, Handler, Server};
@@ -51,7 +64,10 @@ struct Link {
 }
 
 struct Inner {
-    url: String,
+    /// The brokers to try, in order (at least one).
+    urls: Vec<String>,
+    /// The index in `urls` of the last broker connected to.
+    current_url: Mutex<Option<usize>>,
     run: RunName,
     opts: BusOptions,
     link: tokio::sync::Mutex<Option<Link>>,
@@ -78,12 +94,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl AmqpBus {
     /// Connects (once, failing fast: callers at startup want a clear error) and
-    /// declares the run's topology.
+    /// declares the run's topology. `url` is one broker URL or several separated by
+    /// commas (see [`crate::config::split_amqp_urls`]); they are tried in order.
     pub async fn connect(url: &str, run: RunName, opts: BusOptions) -> Result<Self, BusError> {
+        let urls = crate::config::split_amqp_urls(url);
+        if urls.is_empty() {
+            return Err(BusError::Connect(
+                "no broker URL given (bus.amqp_url is empty)".to_string(),
+            ));
+        }
         let reply_queue = format!("{}.reply.{}", run.exchange(), Uuid::new_v4().simple());
         let bus = AmqpBus {
             inner: Arc::new(Inner {
-                url: url.to_string(),
+                urls,
+                current_url: Mutex::new(None),
                 run,
                 opts,
                 link: tokio::sync::Mutex::new(None),
@@ -100,6 +124,13 @@ impl AmqpBus {
 
     pub fn options(&self) -> &BusOptions {
         &self.inner.opts
+    }
+
+    /// The broker this bus is connected to, or was last (password redacted); `None`
+    /// before the first connect.
+    pub fn connected_broker(&self) -> Option<String> {
+        let i = (*lock(&self.inner.current_url))?;
+        self.inner.urls.get(i).map(|u| redacted(u))
     }
 
     /// Closes the connection; consumers stop reconnecting once their servers stop.
