@@ -2,7 +2,7 @@
 //! provisioner, and the handler of the controller's queue (one arm per op,
 //! each a typed request through `epu_core::request`).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,30 +48,65 @@ pub(crate) struct Hosted {
 pub(crate) const FEED_PAGE: usize = 1000;
 
 /// The controller's place in the provisioner's change feed.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(crate) struct Feed {
     /// Every revision up to this one has been applied.
     pub(crate) applied: u64,
+    /// Revisions past `applied + 1` that arrived before it (out of order: the
+    /// provisioner publishes from several tasks). Bounded by [`FEED_AHEAD_MAX`].
+    ahead: BTreeSet<u64>,
 }
 
+/// How many out-of-order revisions [`Feed`] remembers; past it, it forgets them and
+/// a resync (which a gap has already asked for) catches up.
+const FEED_AHEAD_MAX: usize = 10_000;
+
 impl Feed {
-    /// An `instance_info` of `revision` arrived; true when revisions were
-    /// skipped (a message was lost, or went to another subscriber): resync.
+    /// An `instance_info` of `revision` arrived; true when it leaves a hole
+    /// before it (a message lost, or not here yet): ask for a resync.
     pub(crate) fn observe(&mut self, revision: u64) -> bool {
         if revision == 0 || revision <= self.applied {
             return false;
         }
         if revision == self.applied + 1 {
             self.applied = revision;
+            self.advance();
             return false;
         }
+        if self.ahead.len() >= FEED_AHEAD_MAX {
+            self.ahead.clear();
+        }
+        self.ahead.insert(revision);
         true
+    }
+
+    /// Whether a revision is still missing before one that arrived; a resync
+    /// asked for on a gap that late messages filled since is skipped.
+    pub(crate) fn has_gap(&self) -> bool {
+        !self.ahead.is_empty()
     }
 
     /// A resync read the feed up to `next`; `full`: from the start (which may
     /// go back: a provisioner with a new store).
     pub(crate) fn resynced(&mut self, next: u64, full: bool) {
-        self.applied = if full { next } else { self.applied.max(next) };
+        if full {
+            self.applied = next;
+            self.ahead.clear();
+        } else {
+            self.applied = self.applied.max(next);
+            let applied = self.applied;
+            self.ahead.retain(|r| *r > applied);
+            self.advance();
+        }
+    }
+
+    /// Moves `applied` over the remembered revisions that now follow it.
+    fn advance(&mut self) {
+        while self.ahead.remove(&(self.applied + 1)) {
+            self.applied += 1;
+        }
+        let applied = self.applied;
+        self.ahead.retain(|r| *r > applied);
     }
 }
 
@@ -208,8 +243,12 @@ impl Hosted {
             let why = tokio::select! {
                 _ = tokio::time::sleep(every) => "interval",
                 _ = self.resync_now.notified() => {
-                    // Let the messages in flight land first.
+                    // Let the messages in flight land first: a revision that was only
+                    // late fills its hole, and no resync is needed.
                     tokio::time::sleep(Duration::from_millis(200)).await;
+                    if !lock(&self.feed).has_gap() {
+                        continue;
+                    }
                     "gap"
                 }
             };

@@ -1002,21 +1002,29 @@ fn the_feed_cursor_moves_only_without_holes() {
         (0, false, 2),
         (4, true, 2),
         (5, true, 2),
-        (3, false, 3),
+        // The late one fills the hole: 4 and 5 were remembered.
+        (3, false, 5),
+        (7, true, 5),
     ];
     for (rev, gap, applied) in steps {
         assert_eq!(f.observe(rev), gap, "revision {rev}");
         assert_eq!(f.applied, applied, "after revision {rev}");
     }
+    assert!(f.has_gap(), "6 is still missing");
+    f.resynced(6, false);
+    assert_eq!(f.applied, 7, "the resync filled 6; 7 had come");
+    assert!(!f.has_gap());
     f.resynced(9, false);
     assert_eq!(f.applied, 9);
     f.resynced(7, false);
     assert_eq!(f.applied, 9, "a diff never moves back");
+    assert!(f.observe(12));
     f.resynced(2, true);
     assert_eq!(
         f.applied, 2,
         "a full listing of a provisioner with a new store does"
     );
+    assert!(!f.has_gap(), "and forgets what came ahead of the old store");
 }
 
 #[tokio::test]
