@@ -132,6 +132,12 @@ pub trait Store: Send + Sync + Debug {
     /// Makes every write so far durable. Writes already flush; this is for shutdown paths
     /// that want to be explicit.
     fn flush(&self) -> Result<(), StoreError>;
+
+    /// Whether a call may wait on a disk (or anything slower than memory). Stores
+    /// that answer from memory say `false`, and [`OffRuntime`] calls them directly.
+    fn may_block(&self) -> bool {
+        true
+    }
 }
 
 /// The store handle that services share between tasks.
@@ -464,6 +470,10 @@ impl Store for MemStore {
         Ok(out)
     }
 
+    fn may_block(&self) -> bool {
+        false
+    }
+
     fn flush(&self) -> Result<(), StoreError> {
         Ok(())
     }
@@ -486,8 +496,11 @@ impl OffRuntime {
     }
 
     fn run<T>(&self, f: impl FnOnce(&dyn Store) -> T) -> T {
-        let on_workers = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        // Handing the worker over costs a thread wake-up per call: only worth it for
+        // a store that can wait.
+        let on_workers = self.0.may_block()
+            && tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         if on_workers {
             tokio::task::block_in_place(|| f(self.0.as_ref()))
         } else {
@@ -522,6 +535,9 @@ impl Store for OffRuntime {
     }
     fn flush(&self) -> Result<(), StoreError> {
         self.run(|s| s.flush())
+    }
+    fn may_block(&self) -> bool {
+        self.0.may_block()
     }
 }
 
@@ -805,5 +821,14 @@ mod off_runtime_tests {
         let s = OffRuntime::shared(Arc::new(MemStore::new()));
         s.put("t", "k", b"v").expect("put");
         assert_eq!(s.get("t", "k").expect("get"), Some(b"v".to_vec()));
+    }
+
+    #[test]
+    fn only_stores_that_can_wait_are_moved_off_the_workers() {
+        assert!(!OffRuntime::shared(Arc::new(MemStore::new())).may_block());
+        assert!(OffRuntime::shared(Arc::new(SlowDisk::default())).may_block());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sled = SledStore::open(&dir.path().join("s")).expect("open");
+        assert!(OffRuntime::shared(Arc::new(sled)).may_block());
     }
 }
